@@ -1,0 +1,70 @@
+"""prefect-batchllm: large batches of LLM calls as observable, retryable, rate-limited Prefect work.
+
+Public names are imported lazily, so ``import prefect_batchllm`` stays cheap and the provider layer can be
+used without importing Prefect.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    # core
+    "LLMWorkItem": "prefect_batchllm.core.items",
+    "WorkItemResult": "prefect_batchllm.core.items",
+    "BatchResult": "prefect_batchllm.core.items",
+    "TokenUsage": "prefect_batchllm.core.tokens",
+    "ProcessorConfig": "prefect_batchllm.core.config",
+    "RetryConfig": "prefect_batchllm.core.config",
+    "RateLimitConfig": "prefect_batchllm.core.config",
+    "ModelPrice": "prefect_batchllm.core.pricing",
+    "register_price": "prefect_batchllm.core.pricing",
+    "ErrorCategory": "prefect_batchllm.core.errors",
+    "ErrorInfo": "prefect_batchllm.core.errors",
+    "ErrorClassifier": "prefect_batchllm.core.errors",
+    "DefaultErrorClassifier": "prefect_batchllm.core.errors",
+    "InvalidOutputError": "prefect_batchllm.core.errors",
+    "BlockedResponseError": "prefect_batchllm.core.errors",
+    "ProcessingEvent": "prefect_batchllm.core.events",
+    "ProcessorObserver": "prefect_batchllm.core.events",
+    "Middleware": "prefect_batchllm.core.events",
+    # models
+    "LLMResponse": "prefect_batchllm.models.base",
+    "LLMModel": "prefect_batchllm.models.base",
+    "ManagedLLMModel": "prefect_batchllm.models.base",
+    "GeminiModel": "prefect_batchllm.models.gemini",
+    "GeminiCachedModel": "prefect_batchllm.models.gemini",
+    # strategies
+    "LLMCallStrategy": "prefect_batchllm.strategies.base",
+    "RetryState": "prefect_batchllm.strategies.base",
+    "GeminiStrategy": "prefect_batchllm.strategies.gemini",
+    "PydanticAIStrategy": "prefect_batchllm.strategies.pydantic_ai",
+    "DirectCallStrategy": "prefect_batchllm.strategies.direct",
+    "AgentFactoryStrategy": "prefect_batchllm.strategies.pydantic_ai",
+    # prefect layer
+    "run_batch": "prefect_batchllm.prefect.flows",
+    "run_batch_prompts": "prefect_batchllm.prefect.flows",
+    "ParallelBatchProcessor": "prefect_batchllm.prefect.flows",
+    "GeminiCredentials": "prefect_batchllm.prefect.blocks",
+    "GeminiCachedModelBlock": "prefect_batchllm.prefect.blocks",
+    "ensure_rate_limits": "prefect_batchllm.prefect.limits",
+    # data pipelines
+    "enrich_dataframe": "prefect_batchllm.dataframe",
+    "read_table": "prefect_batchllm.dataframe",
+    "write_table": "prefect_batchllm.dataframe",
+}
+
+__all__ = sorted(_EXPORTS)
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prefect_batchllm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,265 @@
+"""Configuration objects. Each validates itself at construction, so bad settings fail before any work."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, TypeVar
+
+_T = TypeVar("_T")
+
+
+def _strict_fields(cls: type[_T]) -> type[_T]:
+    """Make an unknown keyword argument a TypeError that names the field and suggests the right one."""
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = [k for k in kwargs if k not in known]
+        if unknown:
+            name = unknown[0]
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid fields: {', '.join(sorted(known))}"
+            raise TypeError(f"{cls.__name__}: unknown config field {name!r}{hint}")
+        original(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+def _require(condition: bool, owner: str, name: str, fix: str) -> None:
+    if not condition:
+        raise ValueError(f"{owner}.{name}: {fix}")
+
+
+def _positive(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
+
+
+@_strict_fields
+@dataclass
+class RetryConfig:
+    """How often and how patiently an item is retried (Prefect task retries are built from this).
+
+    Rate-limit retries do not consume ``max_attempts``; they have their own budget,
+    ``max_rate_limit_retries``.
+    """
+
+    max_attempts: int = 3
+    initial_wait: float = 1.0
+    max_wait: float = 60.0
+    exponential_base: float = 2.0
+    jitter: bool = True
+    max_rate_limit_retries: int = 20
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        own = "RetryConfig"
+        _require(
+            isinstance(self.max_attempts, int) and self.max_attempts >= 1,
+            own,
+            "max_attempts",
+            f"must be an int >= 1 (1 = no retries), got {self.max_attempts!r}",
+        )
+        _require(self.initial_wait >= 0, own, "initial_wait", f"must be >= 0 s, got {self.initial_wait}")
+        _require(
+            self.max_wait >= self.initial_wait,
+            own,
+            "max_wait",
+            f"must be >= initial_wait ({self.initial_wait}), got {self.max_wait}",
+        )
+        _require(self.exponential_base >= 1, own, "exponential_base", "must be >= 1")
+        _require(self.max_rate_limit_retries >= 0, own, "max_rate_limit_retries", "must be >= 0")
+
+    def delays(self) -> list[float]:
+        """Back-off before retry 1..max_attempts-1 (exponential, capped; jitter is applied by the runner)."""
+        return [
+            min(self.initial_wait * self.exponential_base**i, self.max_wait)
+            for i in range(self.max_attempts - 1)
+        ]
+
+
+_LIMIT_PREFIX = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+@_strict_fields
+@dataclass
+class RateLimitConfig:
+    """Provider quota the batch must stay within, enforced by Prefect global concurrency limits.
+
+    ``requests_per_minute`` / ``tokens_per_minute`` / ``max_in_flight`` of ``None`` mean "no limit of that
+    kind". ``limit_prefix`` names the limits (``<prefix>-rpm``, ``<prefix>-tpm``, ``<prefix>-inflight``):
+    jobs that share a prefix share one quota across processes and machines.
+    ``cooldown_seconds`` is the minimum shared pause after a provider 429 without a server-given delay;
+    consecutive 429s grow it by ``backoff_multiplier`` up to ``max_cooldown_seconds``; after a pause,
+    ``slow_start_items`` admissions ramp back up.
+    """
+
+    requests_per_minute: float | None = None
+    tokens_per_minute: int | None = None
+    max_in_flight: int | None = None
+    limit_prefix: str = "batchllm"
+    cooldown_seconds: float = 5.0
+    backoff_multiplier: float = 1.5
+    max_cooldown_seconds: float = 300.0
+    slow_start_items: int = 10
+    slow_start_initial_delay: float = 0.5
+    slow_start_final_delay: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        own = "RateLimitConfig"
+        for name in ("requests_per_minute", "tokens_per_minute", "max_in_flight"):
+            value = getattr(self, name)
+            _require(
+                value is None or _positive(value),
+                own,
+                name,
+                f"must be > 0 or None (no limit), got {value!r}; a limit of 0 would never admit a request",
+            )
+        _require(
+            self.max_in_flight is None or isinstance(self.max_in_flight, int),
+            own,
+            "max_in_flight",
+            "must be an int",
+        )
+        _require(
+            bool(_LIMIT_PREFIX.match(self.limit_prefix or "")),
+            own,
+            "limit_prefix",
+            f"must be lowercase letters, digits, '.', '_' or '-', got {self.limit_prefix!r}",
+        )
+        _require(self.cooldown_seconds >= 0, own, "cooldown_seconds", "must be >= 0")
+        _require(self.backoff_multiplier >= 1, own, "backoff_multiplier", "must be >= 1")
+        _require(
+            self.max_cooldown_seconds >= self.cooldown_seconds,
+            own,
+            "max_cooldown_seconds",
+            "must be >= cooldown_seconds",
+        )
+        _require(self.slow_start_items >= 0, own, "slow_start_items", "must be >= 0")
+        _require(
+            self.slow_start_initial_delay >= 0 and self.slow_start_final_delay >= 0,
+            own,
+            "slow_start_initial_delay",
+            "slow-start delays must be >= 0",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """True when any limit is set (otherwise no global concurrency limit is used)."""
+        return any(
+            v is not None for v in (self.requests_per_minute, self.tokens_per_minute, self.max_in_flight)
+        )
+
+
+ExecutionMode = Literal["per_item", "chunked"]
+
+
+@_strict_fields
+@dataclass
+class ProcessorConfig:
+    """Everything about how a batch runs. Seed-compatible fields first, Prefect-specific ones after.
+
+    ``max_requests_per_minute`` is the seed's shorthand for ``rate_limit.requests_per_minute``; giving both
+    with different values is an error.
+    """
+
+    max_workers: int = 5
+    timeout_per_item: float = 120.0
+    post_processor_timeout: float = 90.0
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    max_requests_per_minute: float | None = None
+    progress_interval: int = 10
+    progress_callback_timeout: float | None = 5.0
+    enable_detailed_logging: bool = False
+    max_queue_size: int = 0
+    dry_run: bool = False
+    # -- prefect-batchllm additions -------------------------------------------------------------------
+    execution: ExecutionMode = "per_item"  # one task run per item, or one per chunk of items
+    chunk_size: int = 50
+    fail_on_item_failure: bool = False  # end the flow run Failed when any item failed (enables UI Retry)
+    persist_results: bool = True  # persist item results so reruns skip completed items
+    artifact_key: str | None = None  # artifact key prefix; default derived from the flow / deployment
+
+    def __post_init__(self) -> None:
+        if self.max_requests_per_minute is not None:
+            rl_rpm = self.rate_limit.requests_per_minute
+            if rl_rpm is not None and rl_rpm != self.max_requests_per_minute:
+                raise ValueError(
+                    "ProcessorConfig: max_requests_per_minute="
+                    f"{self.max_requests_per_minute} conflicts with rate_limit.requests_per_minute={rl_rpm}; "
+                    "set only one"
+                )
+            _require(
+                _positive(self.max_requests_per_minute),
+                "ProcessorConfig",
+                "max_requests_per_minute",
+                f"must be > 0 or None, got {self.max_requests_per_minute!r}",
+            )
+            self.rate_limit = RateLimitConfig(
+                **{
+                    **{f.name: getattr(self.rate_limit, f.name) for f in fields(RateLimitConfig)},
+                    "requests_per_minute": self.max_requests_per_minute,
+                }
+            )
+        self.validate()
+
+    def validate(self) -> None:
+        own = "ProcessorConfig"
+        _require(
+            isinstance(self.max_workers, int) and self.max_workers >= 1,
+            own,
+            "max_workers",
+            f"must be an int >= 1, got {self.max_workers!r}",
+        )
+        _require(
+            _positive(self.timeout_per_item),
+            own,
+            "timeout_per_item",
+            f"must be > 0 seconds, got {self.timeout_per_item!r}",
+        )
+        _require(
+            _positive(self.post_processor_timeout),
+            own,
+            "post_processor_timeout",
+            f"must be > 0 seconds, got {self.post_processor_timeout!r}",
+        )
+        _require(
+            self.progress_callback_timeout is None or _positive(self.progress_callback_timeout),
+            own,
+            "progress_callback_timeout",
+            f"must be > 0 seconds or None, got {self.progress_callback_timeout!r}",
+        )
+        _require(self.progress_interval >= 1, own, "progress_interval", "must be >= 1")
+        _require(self.max_queue_size >= 0, own, "max_queue_size", "must be >= 0 (0 = unbounded)")
+        _require(
+            self.execution in ("per_item", "chunked"),
+            own,
+            "execution",
+            f"must be 'per_item' or 'chunked', got {self.execution!r}",
+        )
+        _require(self.chunk_size >= 1, own, "chunk_size", "must be >= 1")
+        _require(
+            self.artifact_key is None or bool(re.fullmatch(r"[a-z0-9-]+", self.artifact_key)),
+            own,
+            "artifact_key",
+            f"must match ^[a-z0-9-]+$ (Prefect artifact keys), got {self.artifact_key!r}",
+        )
+        if not isinstance(self.retry, RetryConfig):
+            raise TypeError(f"{own}.retry must be a RetryConfig, got {type(self.retry).__name__}")
+        if not isinstance(self.rate_limit, RateLimitConfig):
+            raise TypeError(
+                f"{own}.rate_limit must be a RateLimitConfig, got {type(self.rate_limit).__name__}"
+            )
+        self.retry.validate()
+        self.rate_limit.validate()

@@ -1,0 +1,188 @@
+"""Work items and results: what goes into a batch and what comes out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from prefect_batchllm.core.pricing import ModelPrice, price_for
+from prefect_batchllm.core.tokens import TokenUsage, normalize_usage
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from prefect_batchllm.strategies.base import LLMCallStrategy
+
+TOutput = TypeVar("TOutput")
+TContext = TypeVar("TContext")
+
+
+@dataclass
+class LLMWorkItem(Generic[TOutput, TContext]):
+    """One unit of work: an id, the strategy that knows how to call the LLM, its prompt and context.
+
+    ``prompt`` is a string, or a list of content parts for multimodal strategies.
+    """
+
+    item_id: str
+    strategy: LLMCallStrategy[TOutput]
+    prompt: str | list[Any] = ""
+    context: TContext | None = None
+
+    def __post_init__(self) -> None:
+        from prefect_batchllm.strategies.base import LLMCallStrategy
+
+        if not isinstance(self.item_id, str) or not self.item_id.strip():
+            raise ValueError(f"LLMWorkItem.item_id must be a non-empty string, got {self.item_id!r}")
+        if self.strategy is None:
+            raise TypeError(f"LLMWorkItem {self.item_id!r}: strategy is None; pass an LLMCallStrategy")
+        if not isinstance(self.strategy, LLMCallStrategy):
+            raise TypeError(
+                f"LLMWorkItem {self.item_id!r}: strategy must be an LLMCallStrategy, "
+                f"got {type(self.strategy).__name__}"
+            )
+        if isinstance(self.prompt, str):
+            if not self.prompt.strip():
+                raise ValueError(f"LLMWorkItem {self.item_id!r}: prompt is empty; give the text to send")
+        elif isinstance(self.prompt, list):
+            if not self.prompt:
+                raise ValueError(f"LLMWorkItem {self.item_id!r}: prompt is an empty list of content parts")
+        else:
+            raise TypeError(
+                f"LLMWorkItem {self.item_id!r}: prompt must be a str or a list of content parts, "
+                f"got {type(self.prompt).__name__}"
+            )
+
+
+@dataclass
+class WorkItemResult(Generic[TOutput, TContext]):
+    """Outcome of one item. Failed items carry ``error``, ``error_category`` and ``attempts``.
+
+    ``token_usage`` sums every attempt, failed ones included, because every attempt is billed.
+    """
+
+    item_id: str
+    success: bool
+    output: TOutput | None = None
+    error: str | None = None
+    context: TContext | None = None
+    token_usage: TokenUsage = field(
+        default_factory=lambda: {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+    )
+    gemini_safety_ratings: dict[str, str] | None = None
+    error_category: str | None = None
+    attempts: int = 0
+    duration_s: float = 0.0
+    model: str | None = None  # model name used, for cost estimates
+    post_processor_error: str | None = None  # recorded, never fails the item
+    replayed: bool = False  # loaded from a persisted result of an earlier run, not requested again
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.token_usage = normalize_usage(self.token_usage)
+
+
+@dataclass
+class BatchResult(Generic[TOutput, TContext]):
+    """All results of a batch, one per input item, in input order, with summary statistics."""
+
+    results: list[WorkItemResult[TOutput, TContext]]
+    total_items: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    total_input_tokens: int = 0
+    total_output_tokens: int = 0
+    total_cached_tokens: int = 0
+    wall_time_s: float = 0.0
+    prices: dict[str, ModelPrice] | None = None  # per-model overrides of the default price table
+
+    def __post_init__(self) -> None:
+        self.total_items = len(self.results)
+        self.succeeded = sum(1 for r in self.results if r.success)
+        self.failed = self.total_items - self.succeeded
+        self.total_input_tokens = sum(r.token_usage.get("input_tokens", 0) for r in self.results)
+        self.total_output_tokens = sum(r.token_usage.get("output_tokens", 0) for r in self.results)
+        self.total_cached_tokens = sum(r.token_usage.get("cached_input_tokens", 0) for r in self.results)
+
+    def cache_hit_rate(self) -> float:
+        """Percentage (0-100) of input tokens served from the context cache."""
+        if not self.total_input_tokens:
+            return 0.0
+        return 100.0 * self.total_cached_tokens / self.total_input_tokens
+
+    def effective_input_tokens(self) -> int:
+        """Input tokens as billed: cached tokens count at 10 % (Gemini's cached-token price)."""
+        uncached = self.total_input_tokens - self.total_cached_tokens
+        return round(uncached + 0.10 * self.total_cached_tokens)
+
+    def failed_items(self) -> list[WorkItemResult[TOutput, TContext]]:
+        """The failed results, in input order."""
+        return [r for r in self.results if not r.success]
+
+    def by_id(self) -> dict[str, WorkItemResult[TOutput, TContext]]:
+        return {r.item_id: r for r in self.results}
+
+    @property
+    def estimated_cost_usd(self) -> float:
+        """Estimated spend from each item's model and tokens (0 for models without a known price)."""
+        total = 0.0
+        for r in self.results:
+            price = price_for(r.model, self.prices)
+            if price is not None:
+                u = r.token_usage
+                total += price.cost(
+                    u.get("input_tokens", 0), u.get("output_tokens", 0), u.get("cached_input_tokens", 0)
+                )
+        return total
+
+    @property
+    def unpriced_models(self) -> list[str]:
+        """Models that appear in the results but have no price (their cost counts as 0)."""
+        names = {r.model for r in self.results if r.model}
+        return sorted(n for n in names if price_for(n, self.prices) is None)
+
+    def error_categories(self) -> dict[str, int]:
+        """Failed-item counts by error category."""
+        counts: dict[str, int] = {}
+        for r in self.failed_items():
+            key = r.error_category or "unknown"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per item, in input order (outputs kept as Python objects)."""
+        import pandas as pd
+
+        rows = [
+            {
+                "item_id": r.item_id,
+                "success": r.success,
+                "output": r.output,
+                "error": r.error,
+                "error_category": r.error_category,
+                "attempts": r.attempts,
+                "duration_s": r.duration_s,
+                "input_tokens": r.token_usage.get("input_tokens", 0),
+                "output_tokens": r.token_usage.get("output_tokens", 0),
+                "cached_tokens": r.token_usage.get("cached_input_tokens", 0),
+                "model": r.model,
+                "replayed": r.replayed,
+            }
+            for r in self.results
+        ]
+        return pd.DataFrame(rows, columns=list(rows[0]) if rows else None)
+
+
+def check_unique_ids(items: Sequence[LLMWorkItem[Any, Any]]) -> None:
+    """Reject duplicate ``item_id``s before anything runs, naming them."""
+    seen: set[str] = set()
+    dupes: list[str] = []
+    for item in items:
+        if item.item_id in seen and item.item_id not in dupes:
+            dupes.append(item.item_id)
+        seen.add(item.item_id)
+    if dupes:
+        shown = ", ".join(repr(d) for d in dupes[:5])
+        more = f" and {len(dupes) - 5} more" if len(dupes) > 5 else ""
+        raise ValueError(f"duplicate item_id values: {shown}{more}; every LLMWorkItem needs a unique item_id")
