@@ -1,0 +1,259 @@
+"""Core contract: configuration validation, work items, results and cost, classification helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from prefect_batchllm import (
+    BatchResult,
+    BlockedResponseError,
+    DefaultErrorClassifier,
+    ErrorCategory,
+    InvalidOutputError,
+    LLMCallStrategy,
+    LLMWorkItem,
+    ModelPrice,
+    ProcessorConfig,
+    RateLimitConfig,
+    RetryConfig,
+    RetryState,
+    WorkItemResult,
+)
+from prefect_batchllm.core.errors import (
+    ItemTimeoutError,
+    attach_token_usage,
+    redact,
+    register_secret,
+    retry_after_of,
+    token_usage_of,
+)
+from prefect_batchllm.core.events import call_user_hook
+from prefect_batchllm.core.items import check_unique_ids
+from prefect_batchllm.core.tokens import add_usage, normalize_usage
+
+
+class Echo(LLMCallStrategy[str]):
+    async def execute(self, prompt, attempt, timeout, state=None):
+        return f"echo {prompt}", {"input_tokens": 1, "output_tokens": 1}
+
+
+# -- configuration -----------------------------------------------------------------------------------
+
+
+def test_config_defaults_match_seed() -> None:
+    cfg = ProcessorConfig()
+    assert (cfg.max_workers, cfg.timeout_per_item, cfg.post_processor_timeout) == (5, 120.0, 90.0)
+    assert cfg.progress_interval == 10 and cfg.dry_run is False
+    assert cfg.retry.max_attempts == 3 and not cfg.rate_limit.enabled
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_workers": 0}, "max_workers"),
+        ({"timeout_per_item": -1}, "timeout_per_item"),
+        ({"timeout_per_item": 0}, "timeout_per_item"),
+        ({"post_processor_timeout": -5}, "post_processor_timeout"),
+        ({"progress_interval": 0}, "progress_interval"),
+        ({"max_requests_per_minute": 0}, "max_requests_per_minute"),
+        ({"artifact_key": "Bad_Key"}, "artifact_key"),
+        ({"execution": "threads"}, "execution"),
+    ],
+)
+def test_processor_config_rejects_bad_values_naming_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        ProcessorConfig(**kwargs)
+
+
+@pytest.mark.parametrize("field", ["requests_per_minute", "tokens_per_minute", "max_in_flight"])
+def test_rate_limit_of_zero_is_rejected(field: str) -> None:
+    with pytest.raises(ValueError, match=rf"{field}.*never admit"):
+        RateLimitConfig(**{field: 0})
+
+
+def test_unknown_config_field_names_it_and_suggests() -> None:
+    with pytest.raises(TypeError, match=r"unknown config field 'max_worker'.*'max_workers'"):
+        ProcessorConfig(max_worker=3)
+    with pytest.raises(TypeError, match="max_attempt"):
+        RetryConfig(max_attempt=2)
+
+
+def test_conflicting_rpm_settings_are_an_error() -> None:
+    with pytest.raises(ValueError, match="conflicts"):
+        ProcessorConfig(max_requests_per_minute=10, rate_limit=RateLimitConfig(requests_per_minute=20))
+    cfg = ProcessorConfig(max_requests_per_minute=120, rate_limit=RateLimitConfig(limit_prefix="jobs-a"))
+    assert cfg.rate_limit.requests_per_minute == 120 and cfg.rate_limit.limit_prefix == "jobs-a"
+
+
+def test_validate_catches_later_mutation() -> None:
+    cfg = ProcessorConfig()
+    cfg.max_workers = -1
+    with pytest.raises(ValueError, match="max_workers"):
+        cfg.validate()
+
+
+def test_retry_delays_are_exponential_and_capped() -> None:
+    assert RetryConfig(max_attempts=5, initial_wait=1, max_wait=5).delays() == [1, 2, 4, 5]
+    assert RetryConfig(max_attempts=1).delays() == []
+
+
+# -- work items and results --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"item_id": "", "strategy": Echo(), "prompt": "x"}, ValueError, "item_id"),
+        ({"item_id": "  ", "strategy": Echo(), "prompt": "x"}, ValueError, "item_id"),
+        ({"item_id": "a", "strategy": None, "prompt": "x"}, TypeError, "strategy is None"),
+        ({"item_id": "a", "strategy": object(), "prompt": "x"}, TypeError, "LLMCallStrategy"),
+        ({"item_id": "a", "strategy": Echo(), "prompt": ""}, ValueError, "prompt is empty"),
+        ({"item_id": "a", "strategy": Echo(), "prompt": []}, ValueError, "empty list"),
+        ({"item_id": "a", "strategy": Echo(), "prompt": 42}, TypeError, "prompt must be"),
+    ],
+)
+def test_work_item_validation(kwargs: dict, exc: type[Exception], match: str) -> None:
+    with pytest.raises(exc, match=match):
+        LLMWorkItem(**kwargs)
+
+
+def test_duplicate_ids_are_named() -> None:
+    s = Echo()
+    items = [LLMWorkItem(i, s, "p") for i in ("a", "b", "a", "c", "b")]
+    with pytest.raises(ValueError, match=r"duplicate item_id values: 'a', 'b'"):
+        check_unique_ids(items)
+
+
+def _result(item_id: str, ok: bool, inp: int, out: int, cached: int = 0, model: str | None = None):
+    return WorkItemResult(
+        item_id,
+        ok,
+        output="x" if ok else None,
+        error=None if ok else "HTTP 400",
+        error_category=None if ok else "fatal",
+        token_usage={"input_tokens": inp, "output_tokens": out, "cached_input_tokens": cached},
+        model=model,
+    )
+
+
+def test_batch_result_statistics_and_cost() -> None:
+    results = [
+        _result("a", True, 1000, 100, 800, "gemini-2.5-flash"),
+        _result("b", False, 200, 0, 0, "gemini-2.5-flash"),
+        _result("c", True, 1000, 100, 0, "unpriced-model"),
+    ]
+    batch = BatchResult(results)
+    assert (batch.total_items, batch.succeeded, batch.failed) == (3, 2, 1)
+    assert batch.total_input_tokens == 2200 and batch.total_cached_tokens == 800
+    assert batch.cache_hit_rate() == pytest.approx(100 * 800 / 2200)
+    assert batch.effective_input_tokens() == 1400 + 80
+    assert [r.item_id for r in batch.failed_items()] == ["b"]
+    assert batch.error_categories() == {"fatal": 1}
+    expected = (200 * 0.30 + 800 * 0.03 + 100 * 2.50 + 200 * 0.30) / 1e6
+    assert batch.estimated_cost_usd == pytest.approx(expected)
+    assert batch.unpriced_models == ["unpriced-model"]
+    overridden = BatchResult(results, prices={"unpriced-model": ModelPrice(1.0, 1.0)})
+    assert overridden.estimated_cost_usd == pytest.approx(expected + 1100 / 1e6)
+    frame = batch.to_dataframe()
+    assert list(frame["item_id"]) == ["a", "b", "c"]
+    assert list(frame["cached_tokens"]) == [800, 0, 0]
+
+
+def test_token_usage_normalisation() -> None:
+    assert normalize_usage({"prompt_tokens": 3, "completion_tokens": 4}) == {
+        "input_tokens": 3,
+        "output_tokens": 4,
+        "total_tokens": 7,
+        "cached_input_tokens": 0,
+    }
+    assert add_usage({"input_tokens": 1}, {"input_tokens": 2, "output_tokens": 5})["total_tokens"] == 8
+
+
+def test_retry_state_is_a_small_dict() -> None:
+    state = RetryState()
+    state.set("k", 1)
+    assert state.get("k") == 1 and "k" in state
+    state.delete("k")
+    assert state.get("k", "default") == "default"
+
+
+# -- classification helpers that need no HTTP (the HTTP paths are tested in test_errors.py) -----------
+
+
+class _Pet(BaseModel):
+    name: str
+
+
+@pytest.mark.parametrize(
+    ("exc", "category", "retryable"),
+    [
+        (ItemTimeoutError("attempt exceeded 1 s"), ErrorCategory.TIMEOUT, True),
+        (InvalidOutputError("bad json"), ErrorCategory.INVALID_OUTPUT, True),
+        (BlockedResponseError("blocked"), ErrorCategory.BLOCKED, False),
+        (json.JSONDecodeError("x", "doc", 0), ErrorCategory.INVALID_OUTPUT, True),
+        (KeyError("field"), ErrorCategory.FATAL, False),
+        (ValueError("bad argument"), ErrorCategory.FATAL, False),
+        (ConnectionResetError("reset by peer"), ErrorCategory.TRANSIENT, True),
+        (RuntimeError("upstream said: 503 overloaded"), ErrorCategory.TRANSIENT, True),
+        (RuntimeError("something odd"), ErrorCategory.UNKNOWN, True),
+    ],
+)
+def test_classifier_without_http(exc: Exception, category: ErrorCategory, retryable: bool) -> None:
+    info = DefaultErrorClassifier().classify(exc)
+    assert info.category is category and info.is_retryable is retryable
+
+
+def test_pydantic_validation_error_is_invalid_output_not_fatal() -> None:
+    try:
+        _Pet.model_validate({})
+    except ValidationError as exc:
+        info = DefaultErrorClassifier().classify(exc)
+    assert info.category is ErrorCategory.INVALID_OUTPUT and info.is_retryable
+
+
+def test_retry_after_from_header_and_attribute() -> None:
+    class Resp:
+        headers = {"retry-after": "12"}
+        status_code = 429
+
+    class HTTPErr(Exception):
+        response = Resp()
+
+    assert retry_after_of(HTTPErr()) == 12.0
+    info = DefaultErrorClassifier().classify(HTTPErr("too many"))
+    assert info.is_rate_limit and info.retry_after == 12.0
+
+
+def test_failed_attempt_tokens_travel_on_the_exception() -> None:
+    exc = attach_token_usage(RuntimeError("x"), {"input_tokens": 9})
+    wrapped = RuntimeError("outer")
+    wrapped.__cause__ = exc
+    assert token_usage_of(wrapped) == {"input_tokens": 9}
+
+
+def test_secrets_are_redacted() -> None:
+    register_secret("super-secret-key-123")
+    assert "super-secret" not in redact("key=super-secret-key-123 and AIzaSyA1234567890abcdefghijklmnop")
+    assert "AIza" not in redact("AIzaSyA1234567890abcdefghijklmnop")
+    info = DefaultErrorClassifier().classify(RuntimeError("bad key super-secret-key-123"))
+    assert "super-secret" not in info.reason
+
+
+async def test_user_hooks_fail_open_with_timeout() -> None:
+    async def slow(x):
+        await asyncio.sleep(5)
+
+    def boom(x):
+        raise RuntimeError("hook broke")
+
+    seen = []
+    assert await call_user_hook(seen.append, 1, timeout=1, what="sync") == (True, None)
+    ok, msg = await call_user_hook(slow, 1, timeout=0.05, what="slow hook")
+    assert not ok and "timed out" in msg
+    ok, msg = await call_user_hook(boom, 1, timeout=1, what="boom hook")
+    assert not ok and "hook broke" in msg
+    assert seen == [1]
