@@ -194,7 +194,7 @@ class _Pet(BaseModel):
         (ItemTimeoutError("attempt exceeded 1 s"), ErrorCategory.TIMEOUT, True),
         (InvalidOutputError("bad json"), ErrorCategory.INVALID_OUTPUT, True),
         (BlockedResponseError("blocked"), ErrorCategory.BLOCKED, False),
-        (json.JSONDecodeError("x", "doc", 0), ErrorCategory.INVALID_OUTPUT, True),
+        (json.JSONDecodeError("x", "doc", 0), ErrorCategory.TRANSIENT, True),
         (KeyError("field"), ErrorCategory.FATAL, False),
         (ValueError("bad argument"), ErrorCategory.FATAL, False),
         (ConnectionResetError("reset by peer"), ErrorCategory.TRANSIENT, True),

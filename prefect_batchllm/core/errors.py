@@ -193,10 +193,19 @@ class DefaultErrorClassifier(ErrorClassifier):
         if pai is not None:
             if isinstance(exc, pai.UsageLimitExceeded):
                 return ErrorInfo(ErrorCategory.FATAL, False, reason=_short(exc))
+            # Measured: a Gemini safety block reaches pydantic-ai users as ContentFilterError.
+            if isinstance(exc, getattr(pai, "ContentFilterError", ())):
+                return ErrorInfo(ErrorCategory.BLOCKED, False, reason=_short(exc))
+            if isinstance(exc, getattr(pai, "ModelTimeoutError", ())):
+                return ErrorInfo(ErrorCategory.TIMEOUT, True, reason=_short(exc))
             if isinstance(exc, pai.UnexpectedModelBehavior) and not isinstance(exc, pai.ModelHTTPError):
                 return ErrorInfo(ErrorCategory.INVALID_OUTPUT, True, reason=_short(exc))
-        if _is_validation_error(exc) or isinstance(exc, json.JSONDecodeError):
+        if _is_validation_error(exc):
             return ErrorInfo(ErrorCategory.INVALID_OUTPUT, True, reason=_short(exc))
+        if isinstance(exc, json.JSONDecodeError):
+            # Our parsers wrap bad model output in InvalidOutputError; a raw JSONDecodeError comes from the
+            # SDK failing to decode a malformed HTTP body, which is the server's fault: transient.
+            return ErrorInfo(ErrorCategory.TRANSIENT, True, reason=_short(exc))
         if isinstance(exc, TimeoutError) or _is_transport_timeout(exc):
             return ErrorInfo(ErrorCategory.TIMEOUT, True, reason=_short(exc) or "timed out")
         return None
@@ -222,6 +231,10 @@ class DefaultErrorClassifier(ErrorClassifier):
     def _by_transport(self, exc: BaseException) -> ErrorInfo | None:
         if _is_transport_error(exc) or isinstance(exc, ConnectionError):
             return ErrorInfo(ErrorCategory.TRANSIENT, True, reason=_short(exc) or type(exc).__name__)
+        pai = _pydantic_ai_errors()
+        if pai is not None and isinstance(exc, pai.ModelAPIError):
+            # No HTTP status (checked before): connection trouble or an undecodable 200 body.
+            return ErrorInfo(ErrorCategory.TRANSIENT, True, reason=_short(exc))
         if isinstance(exc, _LOGIC_ERRORS) or type(exc) is ValueError:
             return ErrorInfo(ErrorCategory.FATAL, False, reason=_short(exc))
         return None

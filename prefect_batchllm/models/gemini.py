@@ -1,0 +1,601 @@
+"""Gemini models over the real ``google-genai`` SDK: plain calls and a shared context cache.
+
+``GeminiModel`` turns one ``client.aio.models.generate_content`` call into an :class:`LLMResponse`, raising
+our own exceptions (with the billed tokens attached) for blocked and empty answers, because the SDK never
+raises for those. ``GeminiCachedModel`` adds the context-cache lifecycle: find-or-create by content
+fingerprint, in-place TTL renewal, one serialised recreation when the API says the cache is gone, and a
+concurrency-safe explicit delete. Its serialisation works from any event loop or thread (Prefect runs
+mapped async tasks on their own loops), so one instance can be shared by a whole flow run.
+
+The SDK's own retries stay off (``retry_options=None``): retries, backoff and ``RetryInfo`` belong to the
+orchestration layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import json
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Union
+
+from google.genai import types
+from pydantic import BaseModel
+
+from prefect_batchllm.core.errors import BlockedResponseError, InvalidOutputError, is_missing_cache_error
+from prefect_batchllm.core.tokens import TokenUsage
+from prefect_batchllm.models.base import LLMResponse
+
+if TYPE_CHECKING:
+    from google import genai
+
+__all__ = ["GeminiCachedModel", "GeminiModel", "usage_from_response"]
+
+#: Finish reasons that mean the answer was withheld on safety/policy grounds (never worth retrying).
+BLOCKING_FINISH_REASONS = frozenset(
+    {"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT"}
+)
+#: ``GenerateContentConfig`` keys a caller may pass through ``generate(config=...)``.
+CONFIG_KEYS = frozenset(types.GenerateContentConfig.model_fields) - {"cached_content", "http_options"}
+#: Keys Gemini rejects in a request that uses a context cache (they belong to the cache itself).
+CACHE_CONFLICTING_KEYS = frozenset({"system_instruction", "tools", "tool_config"})
+DISPLAY_NAME_PREFIX = "batchllm"
+
+
+def _enum_text(value: Any) -> str | None:
+    """``FinishReason.STOP`` -> ``"STOP"``; plain strings pass through; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, Enum):
+        return str(value.value)
+    return str(value)
+
+
+def _ratings(ratings: Any) -> dict[str, str]:
+    """Safety ratings as ``{category: probability}`` strings (JSON-friendly for results and the UI)."""
+    out: dict[str, str] = {}
+    for rating in ratings or []:
+        category = _enum_text(getattr(rating, "category", None))
+        if category:
+            out[category] = _enum_text(getattr(rating, "probability", None)) or "UNKNOWN"
+    return out
+
+
+def _canonical(value: Any) -> Any:
+    """JSON-able, order-stable form of SDK objects, pydantic models, dicts and lists (for fingerprints)."""
+    if isinstance(value, BaseModel):
+        return _canonical(value.model_dump(mode="json", exclude_none=True))
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, bytes):
+        return hashlib.sha256(value).hexdigest()
+    if isinstance(value, Enum):
+        return value.value
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return repr(value)
+
+
+def _sha256(payload: Any) -> str:
+    blob = json.dumps(_canonical(payload), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _bare_model_name(model: str) -> str:
+    return model.removeprefix("models/")
+
+
+def usage_from_response(response: Any) -> TokenUsage:
+    """Billed tokens of a ``GenerateContentResponse``; thinking tokens are billed, so they count as output."""
+    meta = getattr(response, "usage_metadata", None)
+    if meta is None:
+        return {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "cached_input_tokens": 0}
+    prompt = (meta.prompt_token_count or 0) + (meta.tool_use_prompt_token_count or 0)
+    output = (meta.candidates_token_count or 0) + (meta.thoughts_token_count or 0)
+    return {
+        "input_tokens": prompt,
+        "output_tokens": output,
+        "total_tokens": meta.total_token_count or prompt + output,
+        "cached_input_tokens": meta.cached_content_token_count or 0,
+    }
+
+
+#: A ``genai.Client``, or a zero-argument factory of them (then one client is kept per event loop).
+ClientOrFactory = Union["genai.Client", Callable[[], "genai.Client"]]
+
+
+def _validate_model_and_client(model: Any, client: Any) -> None:
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"model must be a non-empty model name such as 'gemini-2.5-flash', got {model!r}")
+    if client is None:
+        raise TypeError("client is None; pass a google.genai.Client (e.g. genai.Client(api_key=...))")
+    if not hasattr(client, "aio") and not callable(client):
+        raise TypeError(
+            f"client must be a google.genai.Client or a factory returning one, got {type(client).__name__}"
+        )
+
+
+class GeminiModel:
+    """An :class:`~prefect_batchllm.models.base.LLMModel` backed by ``client.aio.models.generate_content``.
+
+    ``safety_settings`` and ``system_instruction`` are defaults for every call; ``generate(config=...)``
+    merges any ``GenerateContentConfig`` field (``response_mime_type``, ``response_schema``,
+    ``max_output_tokens``...) on top. ``client`` may be a zero-argument factory instead of a client: the
+    model then keeps one client per event loop, which a model shared by Prefect tasks needs.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        client: ClientOrFactory,
+        *,
+        safety_settings: list[dict[str, Any]] | None = None,
+        system_instruction: str | None = None,
+    ) -> None:
+        _validate_model_and_client(model, client)
+        if system_instruction is not None and not isinstance(system_instruction, str):
+            raise TypeError(
+                f"system_instruction must be a str or None, not {type(system_instruction).__name__}"
+            )
+        self.model = model
+        #: The client as given (a ``genai.Client`` or a factory); requests go through :meth:`_client`.
+        self.client = client
+        self._client_factory: Callable[[], genai.Client] | None = None if hasattr(client, "aio") else client
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, genai.Client] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._clients_lock = threading.Lock()
+        self.safety_settings = list(safety_settings) if safety_settings else None
+        self.system_instruction = system_instruction
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.model!r})"
+
+    def _client(self) -> genai.Client:
+        """The client to use on the running event loop.
+
+        A ``genai.Client``'s HTTP pool is bound to the loop that first used it, and Prefect runs mapped
+        async tasks on their own loops; given a factory, the model keeps one client per loop.
+        """
+        if self._client_factory is None:
+            return self.client  # type: ignore[return-value]
+        loop = asyncio.get_running_loop()
+        with self._clients_lock:
+            client = self._clients.get(loop)
+            if client is None:
+                client = self._client_factory()
+                if not hasattr(client, "aio"):
+                    raise TypeError(f"client factory returned {type(client).__name__}, not a genai.Client")
+                self._clients[loop] = client
+        return client
+
+    @property
+    def model_name(self) -> str:
+        """Bare model name (no ``models/`` prefix), for pricing and the UI."""
+        return _bare_model_name(self.model)
+
+    def fingerprint(self) -> str:
+        """Stable hash of what this model computes (model, system instruction, safety settings)."""
+        return _sha256(
+            {
+                "model": self.model_name,
+                "system_instruction": self.system_instruction,
+                "safety_settings": self.safety_settings,
+            }
+        )[:16]
+
+    async def generate(
+        self,
+        prompt: str | list[Any],
+        *,
+        temperature: float = 0.0,
+        system_instruction: str | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> LLMResponse:
+        """One ``generateContent`` call; raises ``BlockedResponseError`` / ``InvalidOutputError`` (billed)."""
+        request_config = self._build_config(temperature, system_instruction, config)
+        response = await self._client().aio.models.generate_content(
+            model=self.model, contents=prompt, config=request_config
+        )
+        return self._to_response(response, schema_requested=_schema_requested(config))
+
+    # -- building blocks shared with the cached model ------------------------------------------------
+
+    def _build_config(
+        self,
+        temperature: float,
+        system_instruction: str | None,
+        config: dict[str, Any] | None,
+        *,
+        cached_content: str | None = None,
+    ) -> types.GenerateContentConfig:
+        fields: dict[str, Any] = {"temperature": temperature}
+        if self.safety_settings:
+            fields["safety_settings"] = self.safety_settings
+        if cached_content is None:
+            instruction = system_instruction if system_instruction is not None else self.system_instruction
+            if instruction is not None:
+                fields["system_instruction"] = instruction
+        else:
+            fields["cached_content"] = cached_content
+        if config:
+            if not isinstance(config, Mapping):
+                raise TypeError(f"config must be a dict of GenerateContentConfig fields, got {type(config)}")
+            unknown = sorted(k for k in config if k not in CONFIG_KEYS)
+            if unknown:
+                raise ValueError(
+                    f"unknown Gemini config key(s) {unknown}; expected GenerateContentConfig fields such as "
+                    "response_mime_type, response_schema, max_output_tokens, top_p, thinking_config"
+                )
+            fields.update(config)
+        # retry_options stay None: the orchestration layer owns retries and honours RetryInfo.
+        return types.GenerateContentConfig(**fields)
+
+    def _to_response(self, response: types.GenerateContentResponse, *, schema_requested: bool) -> LLMResponse:
+        usage = usage_from_response(response)
+        candidates = response.candidates or []
+        candidate = candidates[0] if candidates else None
+        finish_reason = _enum_text(getattr(candidate, "finish_reason", None))
+        feedback = response.prompt_feedback
+        block_reason = _enum_text(getattr(feedback, "block_reason", None))
+        safety = _ratings(getattr(candidate, "safety_ratings", None))
+        feedback_ratings = _ratings(getattr(feedback, "safety_ratings", None))
+        metadata: dict[str, Any] = {
+            "finish_reason": finish_reason,
+            "safety_ratings": safety or feedback_ratings,
+            "prompt_feedback": (
+                {"block_reason": block_reason, "safety_ratings": feedback_ratings} if feedback else None
+            ),
+            "model_version": response.model_version,
+            "response_id": response.response_id,
+            "parsed": None,
+        }
+        if candidate is None or block_reason:
+            reason = block_reason or "NO_CANDIDATES"
+            raise BlockedResponseError(
+                f"Gemini blocked the prompt ({reason})",
+                block_reason=reason,
+                safety_ratings=feedback_ratings or safety,
+                token_usage=usage,
+            )
+        if finish_reason in BLOCKING_FINISH_REASONS:
+            raise BlockedResponseError(
+                f"Gemini withheld the answer (finish_reason={finish_reason})",
+                block_reason=finish_reason,
+                safety_ratings=safety,
+                token_usage=usage,
+            )
+        text = _candidate_text(candidate)
+        has_calls = any(getattr(p, "function_call", None) for p in _parts(candidate))
+        if not text and not has_calls:
+            raise InvalidOutputError(
+                f"Gemini returned no text (finish_reason={finish_reason or 'unknown'})",
+                raw_text="",
+                token_usage=usage,
+            )
+        if schema_requested:
+            metadata["parsed"] = response.parsed
+        return LLMResponse(
+            text=text,
+            input_tokens=usage["input_tokens"],
+            output_tokens=usage["output_tokens"],
+            total_tokens=usage["total_tokens"],
+            cached_input_tokens=usage["cached_input_tokens"],
+            metadata=metadata,
+            raw=response,
+        )
+
+
+def _parts(candidate: Any) -> list[Any]:
+    content = getattr(candidate, "content", None)
+    return list(getattr(content, "parts", None) or [])
+
+
+def _candidate_text(candidate: Any) -> str:
+    """Joined text parts of a candidate, skipping thoughts (what ``response.text`` does, without warnings)."""
+    return "".join(
+        p.text for p in _parts(candidate) if isinstance(getattr(p, "text", None), str) and not p.thought
+    )
+
+
+def _schema_requested(config: Mapping[str, Any] | None) -> bool:
+    return bool(config) and (
+        config.get("response_schema") is not None or config.get("response_json_schema") is not None
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Serialisation that works across event loops and threads.
+
+
+class _AnyLoopLock:
+    """An async mutex that any task on any event loop or thread may use; FIFO, never bound to a loop.
+
+    ``asyncio.Lock`` binds to the first loop that waits on it, and Prefect runs mapped async tasks on
+    their own loops, so a shared model needs a lock built on a thread lock and ``concurrent.futures``.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._locked = False
+        self._waiters: deque[concurrent.futures.Future[None]] = deque()
+
+    async def __aenter__(self) -> None:
+        with self._mutex:
+            if not self._locked:
+                self._locked = True
+                return
+            waiter: concurrent.futures.Future[None] = concurrent.futures.Future()
+            self._waiters.append(waiter)
+        try:
+            await asyncio.wrap_future(waiter)
+        except asyncio.CancelledError:
+            with self._mutex:
+                if waiter in self._waiters:  # still queued: simply leave the queue
+                    self._waiters.remove(waiter)
+                    raise
+            if not waiter.cancelled():  # ownership was handed over just as we were cancelled
+                self._release()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        with self._mutex:
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if waiter.set_running_or_notify_cancel():
+                    waiter.set_result(None)  # hand the lock straight to the next waiter
+                    return
+            self._locked = False
+
+
+class GeminiCachedModel(GeminiModel):
+    """A Gemini model whose requests share one context cache (``cachedContents``).
+
+    Share ONE instance across every item that uses the same context: ``prepare()`` finds a live cache
+    with the same content fingerprint and tags (encoded in ``display_name``) or creates one, exactly once
+    per instance however many callers race; ``generate()`` renews the TTL near expiry and recreates the
+    cache once if the API says it is gone; ``cleanup()`` keeps the cache for the next run;
+    ``delete_cache()`` removes it explicitly. ``system_instruction`` belongs to the cache, not the request.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        client: ClientOrFactory,
+        cached_content: Any,
+        *,
+        cache_ttl_seconds: int = 3600,
+        cache_renewal_buffer_seconds: int = 300,
+        auto_renew: bool = True,
+        cache_tags: dict[str, str] | None = None,
+        safety_settings: list[dict[str, Any]] | None = None,
+        system_instruction: str | None = None,
+    ) -> None:
+        super().__init__(
+            model, client, safety_settings=safety_settings, system_instruction=system_instruction
+        )
+        if cached_content is None or (isinstance(cached_content, str | list | tuple) and not cached_content):
+            raise ValueError("cached_content must be non-empty: the documents/instructions to cache")
+        if isinstance(cache_ttl_seconds, bool) or not isinstance(cache_ttl_seconds, int | float):
+            raise TypeError(f"cache_ttl_seconds must be a number of seconds, got {cache_ttl_seconds!r}")
+        if cache_ttl_seconds <= 0:
+            raise ValueError(f"cache_ttl_seconds must be > 0, got {cache_ttl_seconds}")
+        if not 0 <= cache_renewal_buffer_seconds < cache_ttl_seconds:
+            raise ValueError(
+                "cache_renewal_buffer_seconds must be >= 0 and < cache_ttl_seconds, got "
+                f"{cache_renewal_buffer_seconds} (ttl {cache_ttl_seconds})"
+            )
+        if cache_tags is not None and not isinstance(cache_tags, Mapping):
+            raise TypeError(f"cache_tags must be a dict of str to str, got {type(cache_tags).__name__}")
+        self.cached_content = list(cached_content) if isinstance(cached_content, tuple) else cached_content
+        self.cache_ttl_seconds = cache_ttl_seconds
+        self.cache_renewal_buffer_seconds = cache_renewal_buffer_seconds
+        self.auto_renew = auto_renew
+        self.cache_tags = {str(k): str(v) for k, v in (cache_tags or {}).items()}
+        self._lock = _AnyLoopLock()
+        self._cache_name: str | None = None
+        self._expire_time: datetime | None = None
+        self._deleted = False
+        #: How many caches this instance created / renewed (for tests and stats).
+        self.creates = 0
+        self.renewals = 0
+
+    # -- identity -------------------------------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        """Content fingerprint: sha256 of the cached content, cache system instruction and model (16 hex)."""
+        return self._content_hash()[:16]
+
+    def _content_hash(self) -> str:
+        return _sha256(
+            {
+                "model": self.model_name,
+                "system_instruction": self.system_instruction,
+                "contents": self.cached_content,
+            }
+        )
+
+    @property
+    def display_name(self) -> str:
+        """``batchllm:<content fp16>[:<tags hash8>]``, well under Gemini's 128-character limit."""
+        name = f"{DISPLAY_NAME_PREFIX}:{self.fingerprint()}"
+        if self.cache_tags:
+            name += f":{_sha256(self.cache_tags)[:8]}"
+        return name
+
+    @property
+    def cache_name(self) -> str | None:
+        """``cachedContents/<id>`` once prepared, else ``None``."""
+        return self._cache_name
+
+    @property
+    def expire_time(self) -> datetime | None:
+        """When the cache expires (UTC), as last reported by the API."""
+        return self._expire_time
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Find a live cache with this content and tags, or create one. Idempotent and race-safe."""
+        if self._cache_name is not None:
+            return
+        async with self._lock:
+            if self._cache_name is None:
+                await self._find_or_create()
+
+    async def cleanup(self) -> None:
+        """Keep the cache (it is reused by later runs until its TTL ends). Idempotent."""
+
+    async def delete_cache(self) -> None:
+        """Delete the cache explicitly; concurrent and repeated calls hit the API at most once."""
+        async with self._lock:
+            if self._deleted and self._cache_name is None:
+                return
+            name = self._cache_name
+            if name is None:  # never prepared here: delete the live cache another instance made
+                found = await self._find_live()
+                name = found.name if found is not None else None
+            if name is not None:
+                try:
+                    await self._client().aio.caches.delete(name=name)
+                except Exception as exc:
+                    if not is_missing_cache_error(exc):
+                        raise
+            self._cache_name = None
+            self._expire_time = None
+            self._deleted = True
+
+    async def generate(
+        self,
+        prompt: str | list[Any],
+        *,
+        temperature: float = 0.0,
+        system_instruction: str | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> LLMResponse:
+        """Generate with the cached context; renews near expiry and recreates a vanished cache once."""
+        if system_instruction is not None:
+            raise ValueError(
+                "system_instruction cannot be sent with a context cache; pass it to GeminiCachedModel(...) "
+                "so it becomes part of the cache"
+            )
+        conflicting = sorted(CACHE_CONFLICTING_KEYS & set(config or {}))
+        if conflicting:
+            raise ValueError(f"config key(s) {conflicting} cannot be used with a context cache (Gemini rule)")
+        await self.prepare()
+        if self.auto_renew and self._needs_renewal():
+            await self._renew()
+        name = self._cache_name
+        assert name is not None
+        try:
+            return await self._generate_with(name, prompt, temperature, config)
+        except Exception as exc:
+            if not is_missing_cache_error(exc):
+                raise
+        await self._recreate(stale=name)
+        name = self._cache_name
+        assert name is not None
+        return await self._generate_with(name, prompt, temperature, config)
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    async def _generate_with(
+        self, name: str, prompt: str | list[Any], temperature: float, config: dict[str, Any] | None
+    ) -> LLMResponse:
+        request_config = self._build_config(temperature, None, config, cached_content=name)
+        response = await self._client().aio.models.generate_content(
+            model=self.model, contents=prompt, config=request_config
+        )
+        return self._to_response(response, schema_requested=_schema_requested(config))
+
+    async def _find_live(self, *, exclude: str | None = None) -> types.CachedContent | None:
+        """The live cache whose display name and model match ours (latest expiry wins), if any."""
+        wanted_model = _bare_model_name(self.model)
+        now = datetime.now(UTC)
+        best: types.CachedContent | None = None
+        pager = await self._client().aio.caches.list(config=types.ListCachedContentsConfig(page_size=100))
+        async for cache in pager:
+            if cache.display_name != self.display_name or not cache.name or cache.name == exclude:
+                continue
+            if cache.model and _bare_model_name(cache.model) != wanted_model:
+                continue
+            if cache.expire_time is not None and cache.expire_time <= now:
+                continue
+            if best is None or (cache.expire_time or now) > (best.expire_time or now):
+                best = cache
+        return best
+
+    async def _find_or_create(self, *, exclude: str | None = None) -> None:
+        """Adopt a live matching cache (another process may have made one) or create it (lock held)."""
+        found = await self._find_live(exclude=exclude)
+        if found is not None:
+            self._adopt(found)
+            return
+        await self._create()
+
+    async def _create(self) -> None:
+        config = types.CreateCachedContentConfig(
+            contents=self.cached_content,
+            system_instruction=self.system_instruction,
+            display_name=self.display_name,
+            ttl=f"{int(self.cache_ttl_seconds)}s",
+        )
+        created = await self._client().aio.caches.create(model=self.model, config=config)
+        self.creates += 1
+        self._adopt(created)
+
+    def _adopt(self, cache: types.CachedContent) -> None:
+        if not cache.name:
+            raise RuntimeError("Gemini returned a cachedContent without a name")
+        self._cache_name = cache.name
+        self._expire_time = cache.expire_time
+        self._deleted = False
+
+    def _needs_renewal(self) -> bool:
+        if self._expire_time is None:
+            return False
+        remaining = self._expire_time - datetime.now(UTC)
+        return remaining <= timedelta(seconds=self.cache_renewal_buffer_seconds)
+
+    async def _renew(self) -> None:
+        """Extend the TTL in place (once for all concurrent callers); recreate if the cache is gone."""
+        async with self._lock:
+            if self._cache_name is None:
+                await self._find_or_create()
+                return
+            if not self._needs_renewal():
+                return
+            try:
+                updated = await self._client().aio.caches.update(
+                    name=self._cache_name,
+                    config=types.UpdateCachedContentConfig(ttl=f"{int(self.cache_ttl_seconds)}s"),
+                )
+            except Exception as exc:
+                if not is_missing_cache_error(exc):
+                    raise
+                stale, self._cache_name = self._cache_name, None
+                await self._find_or_create(exclude=stale)
+                return
+            self.renewals += 1
+            self._expire_time = updated.expire_time or (
+                datetime.now(UTC) + timedelta(seconds=self.cache_ttl_seconds)
+            )
+
+    async def _recreate(self, *, stale: str) -> None:
+        """Replace a cache the API no longer knows; concurrent callers share one recreation."""
+        async with self._lock:
+            if self._cache_name is not None and self._cache_name != stale:
+                return  # another caller already replaced it
+            self._cache_name = None
+            await self._create()

@@ -1,0 +1,121 @@
+"""``DirectCallStrategy``: wrap your own async call (the original README's ``direct_call``).
+
+``call(prompt, attempt, timeout)`` returns ``(output, token_usage)`` or ``(output, token_usage, metadata)``;
+a callable that also takes ``state`` receives the item's :class:`RetryState`. Use it for any client this
+package does not wrap, or for full control of temperature and prompts per attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from prefect_batchllm.core.tokens import TokenUsage, normalize_usage
+from prefect_batchllm.strategies.base import ExecuteResult, LLMCallStrategy, RetryState, TOutput
+
+__all__ = ["DirectCallStrategy"]
+
+
+class DirectCallStrategy(LLMCallStrategy[TOutput]):
+    """Calls ``call(prompt, attempt, timeout[, state])`` once per attempt.
+
+    ``model_name`` (for pricing) and ``identity`` (for the rerun fingerprint; defaults to the callable's
+    qualified name) are optional.
+    """
+
+    def __init__(
+        self,
+        call: Callable[..., Any],
+        *,
+        model_name: str | None = None,
+        identity: str | None = None,
+    ) -> None:
+        if call is None or not callable(call):
+            raise TypeError(
+                "call must be a callable: async def call(prompt, attempt, timeout) -> (output, token_usage); "
+                f"got {type(call).__name__}"
+            )
+        self.call = call
+        self._model_name = model_name
+        self.identity = identity
+        self._pass_state = _takes_state(call)
+        _check_arity(call)
+
+    def __repr__(self) -> str:
+        return f"DirectCallStrategy({_qualname(self.call)})"
+
+    @property
+    def model_name(self) -> str | None:
+        """The model name given at construction (for pricing), if any."""
+        return self._model_name
+
+    async def execute(
+        self, prompt: Any, attempt: int, timeout: float, state: RetryState | None = None
+    ) -> ExecuteResult[TOutput]:
+        """Run the callable (sync or async) and normalise its ``(output, usage[, metadata])`` result."""
+        if self._pass_state:
+            result = self.call(prompt, attempt, timeout, state=state)
+        else:
+            result = self.call(prompt, attempt, timeout)
+        if inspect.isawaitable(result):
+            result = await result
+        if not isinstance(result, tuple) or len(result) not in (2, 3):
+            raise TypeError(
+                f"{_qualname(self.call)} must return (output, token_usage) or "
+                f"(output, token_usage, metadata), got {type(result).__name__}"
+            )
+        output, usage = result[0], result[1]
+        if usage is not None and not isinstance(usage, Mapping):
+            raise TypeError(
+                f"{_qualname(self.call)} returned token_usage of type {type(usage).__name__}, not a dict"
+            )
+        normalized: TokenUsage = normalize_usage(dict(usage or {}))  # type: ignore[arg-type]
+        if len(result) == 3:
+            metadata = result[2]
+            if metadata is not None and not isinstance(metadata, Mapping):
+                raise TypeError(f"{_qualname(self.call)} returned metadata of type {type(metadata).__name__}")
+            return output, normalized, dict(metadata or {})
+        return output, normalized
+
+    def fingerprint(self) -> str:
+        """``identity`` or the callable's qualified name, plus the model name."""
+        identity = self.identity or _qualname(self.call)
+        text = "|".join([type(self).__qualname__, identity, self._model_name or ""])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _qualname(call: Callable[..., Any]) -> str:
+    return f"{getattr(call, '__module__', '')}.{getattr(call, '__qualname__', type(call).__name__)}"
+
+
+def _signature(call: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(call)
+    except (TypeError, ValueError):
+        return None
+
+
+def _takes_state(call: Callable[..., Any]) -> bool:
+    sig = _signature(call)
+    if sig is None:
+        return False
+    params = sig.parameters
+    return "state" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _check_arity(call: Callable[..., Any]) -> None:
+    """Reject callables that cannot take ``(prompt, attempt, timeout)`` positionally, at construction."""
+    sig = _signature(call)
+    if sig is None:
+        return
+    try:
+        if "state" in sig.parameters:
+            sig.bind(None, 1, 1.0, state=None)
+        else:
+            sig.bind(None, 1, 1.0)
+    except TypeError as exc:
+        raise TypeError(
+            f"call {_qualname(call)}{sig} must accept (prompt, attempt, timeout) positionally: {exc}"
+        ) from None

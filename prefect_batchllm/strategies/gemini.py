@@ -1,0 +1,318 @@
+"""``GeminiStrategy``: call an :class:`LLMModel`, parse the answer, and correct invalid structured output.
+
+Also home of the structured-output helpers shared by every strategy: :func:`pydantic_json_parser` (parse
+an ``LLMResponse`` into a pydantic type, raising ``InvalidOutputError``) and :func:`mock_output` (a
+schema-shaped placeholder for dry runs).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+import json
+import re
+import types as _pytypes
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from prefect_batchllm.core.errors import InvalidOutputError, attach_token_usage
+from prefect_batchllm.core.tokens import TokenUsage
+from prefect_batchllm.models.base import LLMModel, LLMResponse
+from prefect_batchllm.strategies.base import LLMCallStrategy, RetryState, TOutput
+
+__all__ = [
+    "CORRECTION_STATE_KEY",
+    "GeminiStrategy",
+    "mock_output",
+    "pydantic_json_parser",
+    "usage_of_response",
+]
+
+T = TypeVar("T")
+
+#: ``RetryState`` key holding the last validation error, used for the correction note of the next attempt.
+CORRECTION_STATE_KEY = "last_validation_error"
+MOCK_USAGE: TokenUsage = {
+    "input_tokens": 100,
+    "output_tokens": 50,
+    "total_tokens": 150,
+    "cached_input_tokens": 0,
+}
+_FENCE = re.compile(r"^\s*```(?:json)?\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
+_MAX_ERROR_CHARS = 600
+
+
+def usage_of_response(response: LLMResponse) -> TokenUsage:
+    """The billed tokens of an :class:`LLMResponse` as a ``TokenUsage``."""
+    return {
+        "input_tokens": response.input_tokens,
+        "output_tokens": response.output_tokens,
+        "total_tokens": response.total_tokens,
+        "cached_input_tokens": response.cached_input_tokens,
+    }
+
+
+def _strip_fences(text: str) -> str:
+    match = _FENCE.match(text)
+    return match.group(1) if match else text
+
+
+def _short_error(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        text = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()[:5]
+        )
+    else:
+        text = " ".join(str(exc).split())
+    return text[:_MAX_ERROR_CHARS]
+
+
+def pydantic_json_parser(output_type: type[T] | Any) -> Callable[[LLMResponse], T]:
+    """A response parser that validates the answer into ``output_type`` (a pydantic model, ``list[M]``...).
+
+    Uses the SDK's ``parsed`` object when it already has the right type, otherwise validates the JSON text
+    (code fences stripped). Failures raise :class:`InvalidOutputError` carrying the raw text, the
+    validation error and the billed tokens, so the attempt is retried (with a correction) and counted.
+    """
+    adapter: TypeAdapter[Any] = TypeAdapter(output_type)
+
+    def parse(response: LLMResponse) -> T:
+        parsed = (response.metadata or {}).get("parsed")
+        if parsed is not None and isinstance(output_type, type) and isinstance(parsed, output_type):
+            return parsed  # type: ignore[return-value]
+        try:
+            return adapter.validate_json(_strip_fences(response.text or ""))
+        except ValidationError as exc:
+            raise InvalidOutputError(
+                f"answer does not match {getattr(output_type, '__name__', output_type)}: {_short_error(exc)}",
+                raw_text=response.text,
+                validation_error=exc,
+                token_usage=usage_of_response(response),
+            ) from exc
+
+    parse.__qualname__ = f"pydantic_json_parser({getattr(output_type, '__name__', output_type)})"
+    return parse
+
+
+def _text_parser(response: LLMResponse) -> str:
+    return response.text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schema-shaped mocks for dry runs.
+
+
+def mock_output(output_type: Any, _depth: int = 0) -> Any:
+    """A placeholder value of ``output_type``: pydantic models are built field by field, nested included."""
+    if _depth > 6:
+        return None
+    if output_type is None or output_type is type(None):
+        return None
+    if output_type is Any or output_type is str:
+        return "[DRY-RUN] Mock output" if _depth == 0 else "mock"
+    origin = get_origin(output_type)
+    args = get_args(output_type)
+    if origin is Literal:
+        return args[0] if args else None
+    if origin in (Union, _pytypes.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        return mock_output(non_none[0], _depth + 1) if non_none else None
+    if origin is not None and str(origin).endswith("Annotated"):
+        return mock_output(args[0], _depth)
+    if origin in (list, set, frozenset, tuple) or output_type in (list, set, frozenset, tuple):
+        item = mock_output(args[0], _depth + 1) if args and args[0] is not Ellipsis else None
+        values = [item] if args else []
+        return (origin or output_type)(values) if (origin or output_type) is not list else values
+    if origin is dict or output_type is dict:
+        return {}
+    if isinstance(output_type, type):
+        if issubclass(output_type, BaseModel):
+            values: dict[str, Any] = {}
+            for name, field in output_type.model_fields.items():
+                if not field.is_required():
+                    values[name] = field.get_default(call_default_factory=True)
+                else:
+                    values[name] = mock_output(field.annotation, _depth + 1)
+            return output_type.model_construct(**values)
+        if issubclass(output_type, enum.Enum):
+            return next(iter(output_type))
+        if issubclass(output_type, bool):
+            return False
+        if issubclass(output_type, int):
+            return 0
+        if issubclass(output_type, float):
+            return 0.0
+        if issubclass(output_type, Decimal):
+            return Decimal(0)
+        if issubclass(output_type, _dt.datetime):
+            return _dt.datetime(2000, 1, 1, tzinfo=_dt.UTC)
+        if issubclass(output_type, _dt.date):
+            return _dt.date(2000, 1, 1)
+        if issubclass(output_type, uuid.UUID):
+            return uuid.UUID(int=0)
+        if issubclass(output_type, str):
+            return "mock"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+class GeminiStrategy(LLMCallStrategy[TOutput]):
+    """Calls a Gemini (or any :class:`LLMModel`) model and parses its answer with ``response_parser``.
+
+    With ``response_schema`` the request asks for ``application/json`` matching that pydantic type and
+    the default parser validates into it. After an invalid answer, the next attempt of the same item
+    appends a short correction note with the validation error to the prompt (``correction_retry``).
+    ``prepare``/``cleanup`` delegate to a managed model (e.g. ``GeminiCachedModel``).
+    """
+
+    def __init__(
+        self,
+        model: LLMModel,
+        response_parser: Callable[[LLMResponse], TOutput] | None = None,
+        *,
+        temperature: float = 0.0,
+        response_schema: type[BaseModel] | Any | None = None,
+        generation_config: dict[str, Any] | None = None,
+        correction_retry: bool = True,
+    ) -> None:
+        if model is None:
+            raise TypeError("model is None; pass an LLMModel such as GeminiModel(...) or GeminiCachedModel")
+        if not callable(getattr(model, "generate", None)):
+            raise TypeError(f"model must have an async generate() (an LLMModel), got {type(model).__name__}")
+        if response_parser is not None and not callable(response_parser):
+            raise TypeError(f"response_parser must be callable, got {type(response_parser).__name__}")
+        if generation_config is not None and not isinstance(generation_config, dict):
+            raise TypeError(f"generation_config must be a dict, got {type(generation_config).__name__}")
+        self.model = model
+        self.temperature = float(temperature)
+        self.response_schema = response_schema
+        self.generation_config = dict(generation_config or {})
+        self.correction_retry = correction_retry
+        if response_parser is None:
+            response_parser = (
+                pydantic_json_parser(response_schema) if response_schema is not None else _text_parser  # type: ignore[assignment]
+            )
+        self.response_parser: Callable[[LLMResponse], TOutput] = response_parser  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"GeminiStrategy(model={self.model!r})"
+
+    async def prepare(self) -> None:
+        """Prepare the model once (find or create a context cache) when it is a managed model."""
+        prepare = getattr(self.model, "prepare", None)
+        if callable(prepare):
+            await prepare()
+
+    async def cleanup(self) -> None:
+        """Let the model release its resources (a cached model keeps its cache)."""
+        cleanup = getattr(self.model, "cleanup", None)
+        if callable(cleanup):
+            await cleanup()
+
+    def _request_config(self) -> dict[str, Any] | None:
+        config = dict(self.generation_config)
+        if self.response_schema is not None:
+            config.setdefault("response_mime_type", "application/json")
+            if "response_json_schema" not in config:
+                config.setdefault("response_schema", self.response_schema)
+        return config or None
+
+    def correction_note(self, error_text: str) -> str:
+        """The note appended to the prompt after an invalid answer (override to customise)."""
+        schema = self.response_schema is not None
+        target = "valid JSON matching the schema" if schema else "the requested format"
+        return f"Your previous answer was invalid: {error_text}. Answer again with {target}."
+
+    def _prompt_for_attempt(self, prompt: Any, state: RetryState | None) -> Any:
+        if state is None or not self.correction_retry:
+            return prompt
+        error_text = state.get(CORRECTION_STATE_KEY)
+        if not error_text:
+            return prompt
+        note = self.correction_note(error_text)
+        if isinstance(prompt, str):
+            return f"{prompt}\n\n{note}"
+        if isinstance(prompt, list):
+            return [*prompt, note]
+        return prompt
+
+    async def execute(
+        self, prompt: Any, attempt: int, timeout: float, state: RetryState | None = None
+    ) -> tuple[TOutput, TokenUsage, dict[str, Any]]:
+        """One call plus parsing; returns ``(output, usage, metadata)`` (metadata: safety, finish reason)."""
+        response = await self.model.generate(
+            self._prompt_for_attempt(prompt, state),
+            temperature=self.temperature,
+            config=self._request_config(),
+        )
+        usage = usage_of_response(response)
+        try:
+            output = self.response_parser(response)
+        except InvalidOutputError as exc:
+            if not exc.token_usage:
+                exc.token_usage = usage
+            raise
+        except (ValidationError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+            raise InvalidOutputError(
+                f"response_parser rejected the answer: {_short_error(exc)}",
+                raw_text=response.text,
+                validation_error=exc,
+                token_usage=usage,
+            ) from exc
+        except Exception as exc:
+            raise attach_token_usage(exc, usage) from None
+        meta = response.metadata or {}
+        metadata = {
+            key: meta.get(key)
+            for key in ("finish_reason", "safety_ratings", "model_version", "response_id")
+            if meta.get(key) is not None
+        }
+        if state is not None and CORRECTION_STATE_KEY in state:
+            metadata["corrected"] = True
+        return output, usage, metadata
+
+    async def on_error(self, exception: Exception, attempt: int, state: RetryState | None = None) -> None:
+        """Remember a validation error so the next attempt can ask the model to correct itself."""
+        if state is None:
+            return
+        if isinstance(exception, InvalidOutputError):
+            cause = exception.validation_error
+            text = _short_error(cause) if cause is not None else _short_error(exception)
+            state.set(CORRECTION_STATE_KEY, text)
+
+    async def dry_run(self, prompt: Any) -> tuple[TOutput, TokenUsage]:
+        """A schema-shaped mock (with ``response_schema``) or a mock string; no network call."""
+        if self.response_schema is not None:
+            return mock_output(self.response_schema), dict(MOCK_USAGE)  # type: ignore[return-value]
+        return "[DRY-RUN] Mock output", dict(MOCK_USAGE)  # type: ignore[return-value]
+
+    def fingerprint(self) -> str:
+        """Model fingerprint plus parser, schema and generation settings (a change re-runs items)."""
+        import hashlib
+
+        parser = self.response_parser
+        parts = [
+            super().fingerprint(),
+            f"{getattr(parser, '__module__', '')}.{getattr(parser, '__qualname__', type(parser).__name__)}",
+            repr(self.temperature),
+            _schema_identity(self.response_schema),
+            json.dumps(self.generation_config, sort_keys=True, default=_schema_identity),
+        ]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _schema_identity(schema: Any) -> str:
+    if schema is None:
+        return ""
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        return json.dumps(schema.model_json_schema(), sort_keys=True)
+    try:
+        return json.dumps(TypeAdapter(schema).json_schema(), sort_keys=True)
+    except Exception:
+        return repr(schema)
