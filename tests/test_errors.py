@@ -267,3 +267,15 @@ def test_httpx2_and_httpx_transport_errors_classify_alike():
         check(classifier.classify(family.ReadTimeout("slow")), ErrorCategory.TIMEOUT, True)
         check(classifier.classify(family.ConnectError("refused")), ErrorCategory.TRANSIENT, True)
         check(classifier.classify(family.RemoteProtocolError("reset")), ErrorCategory.TRANSIENT, True)
+
+
+async def test_invalid_api_key_is_fatal_with_the_real_error_shape() -> None:
+    from prefect_batchllm.testing import GeminiEmulator
+
+    with GeminiEmulator(valid_api_keys={"the-right-key"}) as emu:
+        exc = await failure(sdk_call(emu.client(api_key="a-wrong-key")))
+        assert getattr(exc, "code", None) == 400
+        assert exc.details["error"]["details"][0]["reason"] == "API_KEY_INVALID"
+        check(classifier.classify(exc), ErrorCategory.FATAL, False)
+        ok = await sdk_call(emu.client(api_key="the-right-key"))()
+        assert ok.text

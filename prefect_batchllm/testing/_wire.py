@@ -79,6 +79,22 @@ def error_body(
     return {"error": error}
 
 
+def invalid_api_key_body() -> dict[str, Any]:
+    """What the real API answers for a wrong key: 400 INVALID_ARGUMENT with ErrorInfo API_KEY_INVALID."""
+    return error_body(
+        400,
+        "API key not valid. Please pass a valid API key.",
+        [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "API_KEY_INVALID",
+                "domain": "googleapis.com",
+                "metadata": {"service": "generativelanguage.googleapis.com"},
+            }
+        ],
+    )
+
+
 def format_duration(seconds: float) -> str:
     """Protobuf Duration JSON: "2s", "1.5s", "45.837906927s"."""
     seconds = max(0.0, float(seconds))

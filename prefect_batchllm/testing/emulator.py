@@ -44,6 +44,7 @@ from ._wire import (
     UNREGISTERED_CALLER,
     content_chars,
     error_body,
+    invalid_api_key_body,
     parse_duration,
     parse_rfc3339,
     rate_limit_body,
@@ -385,8 +386,10 @@ class GeminiEmulator:
         seed: int = 0,
         models: set[str] | None = None,
         log_requests: bool = False,
+        valid_api_keys: set[str] | None = None,
     ) -> None:
         self.host = host
+        self.valid_api_keys = set(valid_api_keys) if valid_api_keys is not None else None
         self.port = port
         self.latency = latency
         self.require_api_key = require_api_key
@@ -673,6 +676,8 @@ class GeminiEmulator:
             return _error(404, f"Method not found: {call.method} {urlsplit(call.target).path}")
         if self.require_api_key and not call.api_key:
             return _error(403, UNREGISTERED_CALLER)
+        if self.valid_api_keys is not None and call.api_key not in self.valid_api_keys:
+            return _json_reply(400, invalid_api_key_body())
         if call.body_error:
             return _error(400, call.body_error)
         if call.endpoint in _MODEL_ACTIONS or call.endpoint == "cachedContents.create":
