@@ -257,3 +257,104 @@ async def test_user_hooks_fail_open_with_timeout() -> None:
     ok, msg = await call_user_hook(boom, 1, timeout=1, what="boom hook")
     assert not ok and "hook broke" in msg
     assert seen == [1]
+
+
+# -- review fixes ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "field"),
+    [
+        (ProcessorConfig, {"timeout_per_item": "10"}, "ProcessorConfig.timeout_per_item"),
+        (ProcessorConfig, {"max_workers": True}, "ProcessorConfig.max_workers"),
+        (ProcessorConfig, {"max_workers": 2.0}, "ProcessorConfig.max_workers"),
+        (ProcessorConfig, {"progress_interval": 2.5}, "ProcessorConfig.progress_interval"),
+        (ProcessorConfig, {"max_queue_size": 1.5}, "ProcessorConfig.max_queue_size"),
+        (ProcessorConfig, {"chunk_size": "50"}, "ProcessorConfig.chunk_size"),
+        (ProcessorConfig, {"max_requests_per_minute": "60"}, "ProcessorConfig.max_requests_per_minute"),
+        (ProcessorConfig, {"progress_callback_timeout": "5"}, "ProcessorConfig.progress_callback_timeout"),
+        (RetryConfig, {"initial_wait": "1"}, "RetryConfig.initial_wait"),
+        (RetryConfig, {"max_attempts": 2.5}, "RetryConfig.max_attempts"),
+        (RetryConfig, {"max_rate_limit_retries": True}, "RetryConfig.max_rate_limit_retries"),
+        (RateLimitConfig, {"max_in_flight": 2.5}, "RateLimitConfig.max_in_flight"),
+        (RateLimitConfig, {"slow_start_items": 1.5}, "RateLimitConfig.slow_start_items"),
+        (RateLimitConfig, {"cooldown_seconds": "5"}, "RateLimitConfig.cooldown_seconds"),
+        (RateLimitConfig, {"requests_per_minute": True}, "RateLimitConfig.requests_per_minute"),
+    ],
+)
+def test_config_wrong_types_name_the_field(factory, kwargs: dict, field: str) -> None:
+    with pytest.raises(TypeError, match=rf"^{field}: must be"):
+        factory(**kwargs)
+
+
+def test_config_numeric_types_still_accepted() -> None:
+    cfg = ProcessorConfig(timeout_per_item=10, max_requests_per_minute=30, progress_callback_timeout=None)
+    assert cfg.rate_limit.requests_per_minute == 30
+    RetryConfig(initial_wait=0, max_wait=1.5, exponential_base=3)
+    RateLimitConfig(requests_per_minute=12.5, tokens_per_minute=10_000, max_in_flight=4)
+
+
+async def test_user_hook_failure_message_is_redacted() -> None:
+    register_secret("hook-secret-value-42")
+
+    def leaky(x):
+        raise RuntimeError("boom with hook-secret-value-42 and AIzaSyA1234567890abcdefghijklmnop")
+
+    ok, msg = await call_user_hook(leaky, 1, timeout=1, what="leaky hook")
+    assert not ok and msg.startswith("leaky hook failed: RuntimeError: boom")
+    assert "hook-secret" not in msg and "AIza" not in msg
+
+
+def test_parse_duration_is_public_and_rejects_bool() -> None:
+    from prefect_batchllm.core.errors import parse_duration
+    from prefect_batchllm.testing import _wire
+
+    assert _wire.parse_duration is parse_duration  # one parser for client and emulator
+    assert parse_duration("2s") == 2.0 and parse_duration("1.5s") == 1.5 and parse_duration(3) == 3.0
+    assert parse_duration(True) is None and parse_duration(False) is None
+    assert parse_duration("-5s") is None and parse_duration("soon") is None
+
+
+def test_retry_after_http_date_without_zone_is_utc(monkeypatch) -> None:
+    import time
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    # "-0000" dates parse to naive datetimes; they are UTC, not local time.
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        when = (datetime.now(UTC) + timedelta(seconds=120)).replace(tzinfo=None)
+        raw = format_datetime(when)
+        assert raw.endswith("-0000")
+
+        class Resp:
+            headers = {"retry-after": raw}
+            status_code = 429
+
+        class HTTPErr(Exception):
+            response = Resp()
+
+        assert 100 <= (retry_after_of(HTTPErr()) or 0) <= 121
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_bare_model_name_is_the_one_cleanup() -> None:
+    from prefect_batchllm.core.pricing import bare_model_name, price_for
+
+    for raw in ("gemini-2.5-flash", "models/gemini-2.5-flash", "google-gla:gemini-2.5-flash"):
+        assert bare_model_name(raw) == "gemini-2.5-flash"
+    assert price_for("models/gemini-2.5-flash") is price_for("gemini-2.5-flash")
+
+
+def test_missing_cache_404_is_transient() -> None:
+    from google.genai import errors as genai_errors
+
+    body = {"error": {"code": 404, "message": "CachedContent not found", "status": "NOT_FOUND"}}
+    info = DefaultErrorClassifier().classify(genai_errors.ClientError(404, body))
+    assert info.category is ErrorCategory.TRANSIENT and info.is_retryable
+    other = {"error": {"code": 404, "message": "models/nope is not found", "status": "NOT_FOUND"}}
+    verdict = DefaultErrorClassifier().classify(genai_errors.ClientError(404, other))
+    assert verdict.category is ErrorCategory.FATAL

@@ -709,3 +709,31 @@ def test_cli_serves_until_terminated() -> None:
         _, stderr = proc.communicate(timeout=10)
     assert proc.returncode == 0
     assert "generateContent -> 200" in stderr and "secret-key" not in stderr
+
+
+# -- shared helpers (review fixes) -------------------------------------------------------------------------
+
+
+def test_emulator_tokenizer_matches_the_client_side_estimate():
+    from prefect_batchllm.core.tokens import estimate_tokens
+    from prefect_batchllm.testing._wire import tokens_for_chars
+
+    for n in (0, 1, 3, 4, 5, 399, 400, 401, 10_001):
+        assert tokens_for_chars(n) == estimate_tokens("x" * n), n
+
+
+def test_schema_faker_lives_in_core_and_is_re_exported():
+    from prefect_batchllm.core import schema_fake
+    from prefect_batchllm.testing import _schema
+
+    assert _schema.fake_for_schema is schema_fake.fake_for_schema
+    assert _schema.SchemaFaker is schema_fake.SchemaFaker and _schema.key_of is schema_fake.key_of
+    source = open(schema_fake.__file__, encoding="utf-8").read()
+    assert "import pydantic" not in source and "from pydantic" not in source  # stdlib only
+
+
+async def test_emulator_cache_ttl_uses_the_shared_duration_parser():
+    from prefect_batchllm.core.errors import parse_duration
+    from prefect_batchllm.testing import emulator as emulator_module
+
+    assert emulator_module.parse_duration is parse_duration

@@ -435,3 +435,168 @@ async def test_waiter_cancellation_does_not_wedge_the_lock(emulator):
     await asyncio.wait_for(slow.delete_cache(), timeout=5)
     assert time.monotonic() - started < 5
     assert emulator.count("cachedContents.create") == 1
+
+
+# -- review fixes ------------------------------------------------------------------------------------------
+
+
+async def test_invalid_config_value_is_a_fatal_value_error(emulator):
+    from prefect_batchllm.core.errors import DefaultErrorClassifier, ErrorCategory
+
+    model = GeminiModel(MODEL, emulator.client())
+    with pytest.raises(ValueError, match="invalid Gemini config") as info:
+        await model.generate("x", config={"max_output_tokens": "lots"})
+    assert DefaultErrorClassifier().classify(info.value).category is ErrorCategory.FATAL
+    assert emulator.count("generateContent") == 0
+
+
+def test_recitation_without_text_is_blocked_and_malformed_call_is_invalid_output():
+    from prefect_batchllm.core.errors import DefaultErrorClassifier, ErrorCategory
+
+    model = GeminiModel(MODEL, object.__new__(type("C", (), {"aio": None})))
+    usage = {"prompt_token_count": 10, "candidates_token_count": 3, "total_token_count": 13}
+    recitation = _response(
+        candidates=[{"finish_reason": "RECITATION", "content": {"role": "model", "parts": []}}],
+        usage_metadata=usage,
+    )
+    with pytest.raises(BlockedResponseError) as info:
+        model._to_response(recitation, schema_requested=False)
+    assert info.value.block_reason == "RECITATION" and info.value.token_usage["total_tokens"] == 13
+    verdict = DefaultErrorClassifier().classify(info.value)
+    assert verdict.category is ErrorCategory.BLOCKED and not verdict.is_retryable
+
+    malformed = _response(
+        candidates=[{"finish_reason": "MALFORMED_FUNCTION_CALL", "content": {"role": "model", "parts": []}}],
+        usage_metadata=usage,
+    )
+    with pytest.raises(InvalidOutputError):
+        model._to_response(malformed, schema_requested=False)
+
+
+def test_usage_without_metadata_is_normalised_and_response_token_usage():
+    from prefect_batchllm.models import LLMResponse
+
+    assert usage_from_response(_response()) == {
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "total_tokens": 0,
+        "cached_input_tokens": 0,
+    }
+    assert LLMResponse("t", 3, 4, 7, 2).token_usage() == {
+        "input_tokens": 3,
+        "output_tokens": 4,
+        "total_tokens": 7,
+        "cached_input_tokens": 2,
+    }
+
+
+async def test_cache_ttl_and_buffer_are_validated_and_never_truncated(emulator):
+    client = emulator.client()
+    with pytest.raises(ValueError, match="cache_ttl_seconds"):
+        GeminiCachedModel(MODEL, client, DOC, cache_ttl_seconds=0.5, cache_renewal_buffer_seconds=0)
+    with pytest.raises(TypeError, match="cache_renewal_buffer_seconds"):
+        GeminiCachedModel(MODEL, client, DOC, cache_renewal_buffer_seconds="300")  # type: ignore[arg-type]
+    model = cached(emulator, cache_ttl_seconds=90.5, cache_renewal_buffer_seconds=10)
+    await model.prepare()
+    (create,) = emulator.requests_for("cachedContents.create")
+    assert create.body["ttl"] == "90.5s"
+
+
+def test_display_name_is_hashed_once_and_fingerprint_includes_safety(emulator, monkeypatch):
+    from prefect_batchllm.models import gemini as gemini_module
+
+    model = cached(emulator, cache_tags={"run": "a"})
+    calls = []
+    real = gemini_module._sha256
+    monkeypatch.setattr(gemini_module, "_sha256", lambda payload: calls.append(1) or real(payload))
+    names = {model.display_name for _ in range(20)}
+    model.fingerprint()
+    assert len(names) == 1 and calls == []  # no re-hashing of the cached content per call
+
+    settings = [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]
+    strict = cached(emulator, cache_tags={"run": "a"}, safety_settings=settings)
+    assert strict.fingerprint() != model.fingerprint()
+    assert strict.display_name == model.display_name  # safety is per request: the cache is shared
+
+
+def test_unfingerprintable_content_is_rejected_not_repr_hashed(emulator):
+    class Opaque:
+        pass
+
+    with pytest.raises(TypeError, match="cannot fingerprint"):
+        GeminiCachedModel(MODEL, emulator.client(), [Opaque()])
+
+
+async def test_generate_never_sees_a_cleared_cache_name_across_threads(emulator):
+    """Thread A recreates a vanished cache while this loop's generate() is between prepare() and reading
+    the name: the name must stay readable (the stale one) until the replacement is adopted."""
+    model = GeminiCachedModel(MODEL, emulator.client, DOC)  # a factory: one client per loop
+    await model.prepare()
+    emulator.delete_cache_server_side(model.cache_name)
+    main_thread = threading.get_ident()
+    a_in_network = threading.Event()
+    errors: list[BaseException] = []
+
+    def slow(original):
+        async def wrapper(*args, **kwargs):
+            if threading.get_ident() != main_thread:
+                a_in_network.set()
+                await asyncio.sleep(0.3)
+            return await original(*args, **kwargs)
+
+        return wrapper
+
+    model._create = slow(model._create)  # type: ignore[method-assign]
+    model._find_live = slow(model._find_live)  # type: ignore[method-assign]
+
+    def thread_a() -> None:
+        try:
+            asyncio.run(model.generate("from thread a"))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=thread_a)
+    real_needs_renewal = model._needs_renewal
+    started = []
+
+    def needs_renewal() -> bool:
+        if threading.get_ident() == main_thread and not started:
+            started.append(1)
+            worker.start()  # A fails with 403 and starts recreating while we sit after prepare()
+            assert a_in_network.wait(5)
+        return real_needs_renewal()
+
+    model._needs_renewal = needs_renewal  # type: ignore[method-assign]
+    response = await model.generate("from the main loop")
+    await asyncio.to_thread(worker.join, 10)
+    assert errors == []
+    assert response.text == "echo: from the main loop"
+    assert emulator.count("cachedContents.create") == 2  # the original plus ONE replacement
+
+
+async def test_generate_racing_delete_cache_does_not_resurrect_the_cache(emulator):
+    model = cached(emulator)
+    await model.prepare()
+    results = await asyncio.gather(
+        model.generate("a"), model.delete_cache(), model.generate("b"), return_exceptions=True
+    )
+    assert emulator.caches == {}  # delete_cache() won: nothing was recreated behind its back
+    assert model.creates == 1 and model.cache_name is None
+    for result in results:
+        if isinstance(result, BaseException):
+            assert isinstance(result, RuntimeError) and "delete_cache" in str(result)
+
+
+async def test_copies_of_a_model_adopt_one_replacement_cache(emulator):
+    # Two instances with the same content stand in for pickled copies in separate processes.
+    first, second = cached(emulator), cached(emulator)
+    await first.prepare()
+    await second.prepare()
+    assert first.cache_name == second.cache_name
+    emulator.delete_cache_server_side(first.cache_name)
+
+    await first.generate("q1")
+    await second.generate("q2")
+
+    assert emulator.count("cachedContents.create") == 2  # the original plus ONE replacement
+    assert second.cache_name == first.cache_name and second.creates == 0

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import threading
+import time
 from typing import Literal
 
 import pytest
-from pydantic import BaseModel
-from pydantic_ai import Agent, NativeOutput
+from pydantic import BaseModel, Field
+from pydantic_ai import Agent, NativeOutput, PromptedOutput, TextOutput, ToolOutput
 from pydantic_ai.exceptions import UnexpectedModelBehavior
 from pydantic_ai.models.google import GoogleModel, GoogleModelSettings
 from pydantic_ai.providers.google import GoogleProvider
+from typing_extensions import TypedDict
 
 from prefect_batchllm.core.errors import InvalidOutputError, token_usage_of
 from prefect_batchllm.models import GeminiCachedModel, GeminiModel, LLMResponse
@@ -24,6 +28,7 @@ from prefect_batchllm.strategies import (
     mock_output,
     pydantic_json_parser,
 )
+from prefect_batchllm.strategies.base import MOCK_USAGE
 from prefect_batchllm.strategies.gemini import CORRECTION_STATE_KEY
 from prefect_batchllm.testing import Fault
 
@@ -403,3 +408,143 @@ def test_direct_call_fingerprint():
 
     assert DirectCallStrategy(call).fingerprint() == DirectCallStrategy(call).fingerprint()
     assert DirectCallStrategy(call).fingerprint() != DirectCallStrategy(call, identity="v2").fingerprint()
+
+
+# -- review fixes ------------------------------------------------------------------------------------------
+
+
+class Adult(BaseModel):
+    name: str
+    age: int = Field(ge=18)
+    note: str = "kept default"
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: float
+
+
+class Row(TypedDict):
+    key: str
+    count: int
+
+
+@pytest.mark.parametrize(
+    ("spec", "check"),
+    [
+        (Adult, lambda v: isinstance(v, Adult) and v.age >= 18 and v.note == "kept default"),
+        (NativeOutput(Adult), lambda v: isinstance(v, Adult)),
+        (ToolOutput(Adult), lambda v: isinstance(v, Adult)),
+        (PromptedOutput([Point, Adult]), lambda v: isinstance(v, Point)),
+        ([Point, Adult], lambda v: isinstance(v, Point)),
+        (Point, lambda v: isinstance(v, Point)),
+        (Row, lambda v: isinstance(v, dict) and set(v) == {"key", "count"}),
+        (tuple[int, str], lambda v: isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], str)),
+        (list[Adult], lambda v: all(isinstance(a, Adult) for a in v)),
+        (Literal["x", "y"], lambda v: v == "x"),
+        (Color, lambda v: v is Color.RED),
+        (TextOutput(str.upper), lambda v: v == "[DRY-RUN] Mock output"),
+    ],
+)
+def test_mock_output_is_schema_shaped_and_valid(spec, check):
+    value = mock_output(spec)
+    assert check(value), value
+    assert mock_output(spec) == value  # deterministic
+
+
+def test_mock_output_validates_against_the_type():
+    from pydantic import TypeAdapter
+
+    for output_type in (Adult, Profile, list[Person], tuple[int, str]):
+        adapter = TypeAdapter(output_type)
+        adapter.validate_python(adapter.dump_python(mock_output(output_type)))  # constraints hold
+
+
+async def test_pydantic_ai_dry_run_unwraps_output_specs(emulator):
+    for spec in (NativeOutput(Person), ToolOutput(Person), [Person, Point]):
+        output, usage = await PydanticAIStrategy(agent(emulator, output_type=spec)).dry_run("x")
+        assert isinstance(output, Person), spec
+        assert usage == MOCK_USAGE
+    assert emulator.count() == 0
+
+
+async def test_gemini_strategy_dry_run_with_a_json_schema(emulator):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 5}}, "required": ["n"]}
+    strategy = GeminiStrategy(
+        GeminiModel(MODEL, emulator.client()),
+        generation_config={"response_mime_type": "application/json", "response_json_schema": schema},
+        response_parser=lambda r: r.text,
+    )
+    output, _ = await strategy.dry_run("x")
+    assert output == {"n": 5}
+
+
+async def test_default_dry_run_uses_the_shared_mock_usage():
+    class Plain(LLMCallStrategy[str]):
+        async def execute(self, prompt, attempt, timeout, state=None):
+            raise AssertionError("no call in a dry run")
+
+    assert await Plain().dry_run("x") == ("[DRY-RUN] Mock output", MOCK_USAGE)
+
+
+async def test_parser_exception_keeps_its_cause(emulator):
+    class ParseBug(Exception):
+        pass
+
+    def broken(response: LLMResponse) -> str:
+        try:
+            return {}["missing"]
+        except KeyError as exc:
+            raise ParseBug("could not parse") from exc
+
+    strategy = GeminiStrategy(GeminiModel(MODEL, emulator.client()), broken)
+    with pytest.raises(ParseBug) as info:
+        await strategy.execute("x", 1, 30.0)
+    assert isinstance(info.value.__cause__, KeyError)
+    assert token_usage_of(info.value)["total_tokens"] > 0
+
+
+async def test_agent_factory_builds_the_attempt_one_agent_once(emulator):
+    built: list[int] = []
+
+    def factory(attempt: int) -> Agent:
+        built.append(attempt)
+        return agent(emulator)
+
+    strategy = AgentFactoryStrategy(factory)
+    strategy.fingerprint()
+    assert strategy.model_name == MODEL
+    await strategy.execute("q", 1, 30.0)
+    assert built == [1]
+    await strategy.execute("q", 1, 30.0)  # a later item: a fresh agent again
+    await strategy.execute("q", 2, 30.0)
+    assert built == [1, 1, 2]
+
+
+async def test_direct_call_runs_sync_callables_off_the_loop():
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+
+    def blocking(prompt, attempt, timeout):
+        seen.append(threading.get_ident())
+        time.sleep(0.05)
+        return prompt, {"input_tokens": 1}
+
+    async def native(prompt, attempt, timeout):
+        seen.append(threading.get_ident())
+        return prompt, {}
+
+    assert (await DirectCallStrategy(blocking).execute("x", 1, 1.0))[0] == "x"
+    assert (await DirectCallStrategy(native).execute("y", 1, 1.0))[0] == "y"
+    assert seen[0] != loop_thread and seen[1] == loop_thread
+
+
+def test_schema_identity_is_shared():
+    from prefect_batchllm.strategies import gemini as gemini_strategies
+    from prefect_batchllm.strategies import pydantic_ai as pai_strategies
+    from prefect_batchllm.strategies.base import schema_identity
+
+    assert not hasattr(gemini_strategies, "_schema_identity") and not hasattr(pai_strategies, "_type_name")
+    assert schema_identity(Point) != schema_identity(Row)
+    assert schema_identity(None) == "" and schema_identity("gemini-2.5-flash") == "gemini-2.5-flash"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import numbers
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar
@@ -36,6 +37,27 @@ def _require(condition: bool, owner: str, name: str, fix: str) -> None:
         raise ValueError(f"{owner}.{name}: {fix}")
 
 
+def _check_number(
+    owner: str, name: str, value: Any, *, integer: bool = False, optional: bool = False
+) -> None:
+    """Type check of a numeric field: a real number (an int for counts), never a bool; names the field."""
+    if value is None and optional:
+        return
+    if integer:
+        ok, kind = isinstance(value, int), "an int"
+    else:
+        ok, kind = isinstance(value, numbers.Real), "a number"
+    if isinstance(value, bool) or not ok:
+        suffix = " or None" if optional else ""
+        raise TypeError(f"{owner}.{name}: must be {kind}{suffix}, got {type(value).__name__} {value!r}")
+
+
+def _check_numbers(obj: Any, owner: str, spec: dict[str, tuple[bool, bool]]) -> None:
+    """``spec`` maps field name -> ``(integer, optional)``."""
+    for name, (integer, optional) in spec.items():
+        _check_number(owner, name, getattr(obj, name), integer=integer, optional=optional)
+
+
 def _positive(value: float | None) -> bool:
     return value is not None and math.isfinite(value) and value > 0
 
@@ -61,6 +83,17 @@ class RetryConfig:
 
     def validate(self) -> None:
         own = "RetryConfig"
+        _check_numbers(
+            self,
+            own,
+            {
+                "max_attempts": (True, False),
+                "initial_wait": (False, False),
+                "max_wait": (False, False),
+                "exponential_base": (False, False),
+                "max_rate_limit_retries": (True, False),
+            },
+        )
         _require(
             isinstance(self.max_attempts, int) and self.max_attempts >= 1,
             own,
@@ -98,7 +131,8 @@ class RateLimitConfig:
     jobs that share a prefix share one quota across processes and machines.
     ``cooldown_seconds`` is the minimum shared pause after a provider 429 without a server-given delay;
     consecutive 429s grow it by ``backoff_multiplier`` up to ``max_cooldown_seconds``; after a pause,
-    ``slow_start_items`` admissions ramp back up.
+    ``slow_start_items`` admissions ramp back up. ``quota_window_seconds`` is the window the provider
+    counts its quota over; the limiter keeps every such window within quota.
     """
 
     requests_per_minute: float | None = None
@@ -111,12 +145,30 @@ class RateLimitConfig:
     slow_start_items: int = 10
     slow_start_initial_delay: float = 0.5
     slow_start_final_delay: float = 0.0
+    quota_window_seconds: float = 60.0  # the provider's quota window (Gemini: per minute)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         own = "RateLimitConfig"
+        _check_numbers(
+            self,
+            own,
+            {
+                "requests_per_minute": (False, True),
+                "tokens_per_minute": (False, True),
+                "max_in_flight": (True, True),
+                "cooldown_seconds": (False, False),
+                "backoff_multiplier": (False, False),
+                "max_cooldown_seconds": (False, False),
+                "slow_start_items": (True, False),
+                "slow_start_initial_delay": (False, False),
+                "slow_start_final_delay": (False, False),
+                "quota_window_seconds": (False, False),
+            },
+        )
+        _require(_positive(self.quota_window_seconds), own, "quota_window_seconds", "must be > 0 seconds")
         for name in ("requests_per_minute", "tokens_per_minute", "max_in_flight"):
             value = getattr(self, name)
             _require(
@@ -192,6 +244,9 @@ class ProcessorConfig:
     artifact_key: str | None = None  # artifact key prefix; default derived from the flow / deployment
 
     def __post_init__(self) -> None:
+        _check_number(
+            "ProcessorConfig", "max_requests_per_minute", self.max_requests_per_minute, optional=True
+        )
         if self.max_requests_per_minute is not None:
             rl_rpm = self.rate_limit.requests_per_minute
             if rl_rpm is not None and rl_rpm != self.max_requests_per_minute:
@@ -216,6 +271,20 @@ class ProcessorConfig:
 
     def validate(self) -> None:
         own = "ProcessorConfig"
+        _check_numbers(
+            self,
+            own,
+            {
+                "max_workers": (True, False),
+                "timeout_per_item": (False, False),
+                "post_processor_timeout": (False, False),
+                "max_requests_per_minute": (False, True),
+                "progress_interval": (True, False),
+                "progress_callback_timeout": (False, True),
+                "max_queue_size": (True, False),
+                "chunk_size": (True, False),
+            },
+        )
         _require(
             isinstance(self.max_workers, int) and self.max_workers >= 1,
             own,

@@ -15,6 +15,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Any
@@ -215,13 +216,14 @@ class DefaultErrorClassifier(ErrorClassifier):
         if status is None:
             return None
         reason = f"HTTP {status}: {_short(exc, 160)}"
+        if is_missing_cache_error(exc):
+            # 403 or 404 "CachedContent not found": the cached model recreates the cache itself; if that
+            # still surfaced, a retry may succeed.
+            return ErrorInfo(ErrorCategory.TRANSIENT, True, reason=reason)
         if status == 429:
             if _is_daily_quota(exc):
                 return ErrorInfo(ErrorCategory.QUOTA_EXHAUSTED, False, reason=reason)
             return ErrorInfo(ErrorCategory.RATE_LIMITED, True, retry_after_of(exc), reason)
-        if status == 403 and _is_missing_cache(exc):
-            # The cached model recreates the cache itself; if that still surfaced, a retry may succeed.
-            return ErrorInfo(ErrorCategory.TRANSIENT, True, reason=reason)
         if status in _TRANSIENT_STATUS or status >= 500:
             return ErrorInfo(ErrorCategory.TRANSIENT, True, retry_after_of(exc), reason)
         if status in _FATAL_STATUS or 400 <= status < 500:
@@ -279,7 +281,13 @@ def _error_details(exc: BaseException) -> list[dict[str, Any]]:
     return []
 
 
-def _parse_duration(value: Any) -> float | None:
+def parse_duration(value: Any) -> float | None:
+    """Seconds of a protobuf Duration (``"2s"``, ``"1.5s"``), a bare number string or a number; else None.
+
+    Booleans and negative or non-numeric strings are rejected (``None``). Shared with the emulator.
+    """
+    if isinstance(value, bool):
+        return None
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, str):
@@ -289,11 +297,14 @@ def _parse_duration(value: Any) -> float | None:
     return None
 
 
+_parse_duration = parse_duration  # backwards-compatible private alias
+
+
 def retry_after_of(exc: BaseException) -> float | None:
     """Seconds the provider asked us to wait: Gemini ``RetryInfo``, pydantic-ai, or ``Retry-After``."""
     for detail in _error_details(exc):
         if str(detail.get("@type", "")).endswith("RetryInfo"):
-            delay = _parse_duration(detail.get("retryDelay"))
+            delay = parse_duration(detail.get("retryDelay"))
             if delay is not None:
                 return delay
     for candidate in (exc, exc.__cause__):
@@ -306,21 +317,21 @@ def retry_after_of(exc: BaseException) -> float | None:
     headers = getattr(response, "headers", None)
     if headers is not None:
         if (ms := headers.get("retry-after-ms")) is not None:
-            parsed = _parse_duration(ms)
+            parsed = parse_duration(ms)
             if parsed is not None:
                 return parsed / 1000.0
         raw = headers.get("retry-after")
         if raw is not None:
-            parsed = _parse_duration(raw)
+            parsed = parse_duration(raw)
             if parsed is not None:
                 return parsed
             try:
-                import datetime as _dt
-
                 when = parsedate_to_datetime(raw)
-                return max(0.0, (when - _dt.datetime.now(when.tzinfo)).total_seconds())
             except (TypeError, ValueError):
                 return None
+            if when.tzinfo is None:  # "-0000" zone: RFC 7231 HTTP-dates are always GMT
+                when = when.replace(tzinfo=UTC)
+            return max(0.0, (when - datetime.now(UTC)).total_seconds())
     return None
 
 

@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from prefect_batchllm.core.errors import describe_error
+
 if TYPE_CHECKING:
     from prefect_batchllm.core.items import LLMWorkItem, WorkItemResult
 
@@ -88,7 +90,7 @@ async def call_user_hook(
     except TimeoutError:
         message = f"{what} timed out after {timeout} s"
     except Exception as exc:  # user code: fail open
-        message = f"{what} failed: {type(exc).__name__}: {exc}"
+        message = f"{what} failed: {describe_error(exc)}"  # redacted, bounded, one line
     logger.warning(message)
     return False, message
 

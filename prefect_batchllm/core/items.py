@@ -112,7 +112,11 @@ class BatchResult(Generic[TOutput, TContext]):
         return 100.0 * self.total_cached_tokens / self.total_input_tokens
 
     def effective_input_tokens(self) -> int:
-        """Input tokens as billed: cached tokens count at 10 % (Gemini's cached-token price)."""
+        """Input tokens as billed, with cached tokens weighted at a flat 10 % (seed semantics).
+
+        The 10 % is Gemini's usual cached-token discount, applied to every model alike; the per-model cost
+        (``estimated_cost_usd``) uses each model's own ``ModelPrice.cached_input`` rate instead.
+        """
         uncached = self.total_input_tokens - self.total_cached_tokens
         return round(uncached + 0.10 * self.total_cached_tokens)
 

@@ -54,6 +54,12 @@ def price_for(model: str | None, overrides: dict[str, ModelPrice] | None = None)
     return table[max(matches, key=len)] if matches else None
 
 
-def _bare(model: str) -> str:
-    """``models/gemini-2.5-flash`` and ``google-gla:gemini-2.5-flash`` -> ``gemini-2.5-flash``."""
+def bare_model_name(model: str) -> str:
+    """``models/gemini-2.5-flash`` and ``google-gla:gemini-2.5-flash`` -> ``gemini-2.5-flash``.
+
+    The one model-name cleanup used for pricing, cache matching and the UI.
+    """
     return model.split("/")[-1].split(":")[-1]
+
+
+_bare = bare_model_name

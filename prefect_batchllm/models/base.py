@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from prefect_batchllm.core.tokens import TokenUsage
+
 
 @dataclass
 class LLMResponse:
@@ -17,6 +19,15 @@ class LLMResponse:
     cached_input_tokens: int = 0
     metadata: dict[str, Any] | None = None
     raw: Any = None
+
+    def token_usage(self) -> TokenUsage:
+        """The billed tokens of this response as a complete ``TokenUsage``."""
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.total_tokens,
+            "cached_input_tokens": self.cached_input_tokens,
+        }
 
 
 @runtime_checkable

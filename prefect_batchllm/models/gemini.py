@@ -26,10 +26,11 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Union
 
 from google.genai import types
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from prefect_batchllm.core.errors import BlockedResponseError, InvalidOutputError, is_missing_cache_error
-from prefect_batchllm.core.tokens import TokenUsage
+from prefect_batchllm.core.pricing import bare_model_name
+from prefect_batchllm.core.tokens import TokenUsage, normalize_usage
 from prefect_batchllm.models.base import LLMResponse
 
 if TYPE_CHECKING:
@@ -41,6 +42,9 @@ __all__ = ["GeminiCachedModel", "GeminiModel", "usage_from_response"]
 BLOCKING_FINISH_REASONS = frozenset(
     {"SAFETY", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT"}
 )
+#: Finish reasons that, with no text, mean the answer was withheld and a retry would repeat it (at a fixed
+#: temperature the model recites the same source again): treated as blocked, never retried.
+WITHHELD_FINISH_REASONS = frozenset({"RECITATION"})
 #: ``GenerateContentConfig`` keys a caller may pass through ``generate(config=...)``.
 CONFIG_KEYS = frozenset(types.GenerateContentConfig.model_fields) - {"cached_content", "http_options"}
 #: Keys Gemini rejects in a request that uses a context cache (they belong to the cache itself).
@@ -81,7 +85,12 @@ def _canonical(value: Any) -> Any:
         return value.value
     if value is None or isinstance(value, str | int | float | bool):
         return value
-    return repr(value)
+    # repr() would embed memory addresses: fingerprints would differ between processes and caches would
+    # never be found again, so refuse instead.
+    raise TypeError(
+        f"cannot fingerprint a {type(value).__module__}.{type(value).__qualname__}; use str, bytes, dicts, "
+        "lists or google.genai types (Content, Part...) for cached content and settings"
+    )
 
 
 def _sha256(payload: Any) -> str:
@@ -89,15 +98,11 @@ def _sha256(payload: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _bare_model_name(model: str) -> str:
-    return model.removeprefix("models/")
-
-
 def usage_from_response(response: Any) -> TokenUsage:
     """Billed tokens of a ``GenerateContentResponse``; thinking tokens are billed, so they count as output."""
     meta = getattr(response, "usage_metadata", None)
     if meta is None:
-        return {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "cached_input_tokens": 0}
+        return normalize_usage(None)
     prompt = (meta.prompt_token_count or 0) + (meta.tool_use_prompt_token_count or 0)
     output = (meta.candidates_token_count or 0) + (meta.thoughts_token_count or 0)
     return {
@@ -180,7 +185,7 @@ class GeminiModel:
     @property
     def model_name(self) -> str:
         """Bare model name (no ``models/`` prefix), for pricing and the UI."""
-        return _bare_model_name(self.model)
+        return bare_model_name(self.model)
 
     def fingerprint(self) -> str:
         """Stable hash of what this model computes (model, system instruction, safety settings)."""
@@ -237,7 +242,11 @@ class GeminiModel:
                 )
             fields.update(config)
         # retry_options stay None: the orchestration layer owns retries and honours RetryInfo.
-        return types.GenerateContentConfig(**fields)
+        try:
+            return types.GenerateContentConfig(**fields)
+        except ValidationError as exc:
+            # A ValidationError would be classified invalid *output* (retryable); this is a caller bug.
+            raise ValueError(f"invalid Gemini config: {exc}") from None
 
     def _to_response(self, response: types.GenerateContentResponse, *, schema_requested: bool) -> LLMResponse:
         usage = usage_from_response(response)
@@ -275,6 +284,13 @@ class GeminiModel:
             )
         text = _candidate_text(candidate)
         has_calls = any(getattr(p, "function_call", None) for p in _parts(candidate))
+        if not text and not has_calls and finish_reason in WITHHELD_FINISH_REASONS:
+            raise BlockedResponseError(
+                f"Gemini withheld the answer (finish_reason={finish_reason})",
+                block_reason=finish_reason,
+                safety_ratings=safety,
+                token_usage=usage,
+            )
         if not text and not has_calls:
             raise InvalidOutputError(
                 f"Gemini returned no text (finish_reason={finish_reason or 'unknown'})",
@@ -389,8 +405,15 @@ class GeminiCachedModel(GeminiModel):
             raise ValueError("cached_content must be non-empty: the documents/instructions to cache")
         if isinstance(cache_ttl_seconds, bool) or not isinstance(cache_ttl_seconds, int | float):
             raise TypeError(f"cache_ttl_seconds must be a number of seconds, got {cache_ttl_seconds!r}")
-        if cache_ttl_seconds <= 0:
-            raise ValueError(f"cache_ttl_seconds must be > 0, got {cache_ttl_seconds}")
+        if not cache_ttl_seconds >= 1 or cache_ttl_seconds == float("inf"):
+            raise ValueError(f"cache_ttl_seconds must be a finite number >= 1, got {cache_ttl_seconds}")
+        if isinstance(cache_renewal_buffer_seconds, bool) or not isinstance(
+            cache_renewal_buffer_seconds, int | float
+        ):
+            raise TypeError(
+                "cache_renewal_buffer_seconds must be a number of seconds, got "
+                f"{cache_renewal_buffer_seconds!r}"
+            )
         if not 0 <= cache_renewal_buffer_seconds < cache_ttl_seconds:
             raise ValueError(
                 "cache_renewal_buffer_seconds must be >= 0 and < cache_ttl_seconds, got "
@@ -410,12 +433,20 @@ class GeminiCachedModel(GeminiModel):
         #: How many caches this instance created / renewed (for tests and stats).
         self.creates = 0
         self.renewals = 0
+        # Hash the (possibly megabytes of) content once: display_name is read for every listed cache.
+        self._content_hash_value = self._content_hash()
+        self._display_name = f"{DISPLAY_NAME_PREFIX}:{self._content_hash_value[:16]}"
+        if self.cache_tags:
+            self._display_name += f":{_sha256(self.cache_tags)[:8]}"
 
     # -- identity -------------------------------------------------------------------------------------
 
     def fingerprint(self) -> str:
-        """Content fingerprint: sha256 of the cached content, cache system instruction and model (16 hex)."""
-        return self._content_hash()[:16]
+        """What this model computes: the content fingerprint (cached content, cache system instruction and
+        model), plus the per-request safety settings when set (16 hex)."""
+        if not self.safety_settings:
+            return self._content_hash_value[:16]
+        return _sha256({"content": self._content_hash_value, "safety_settings": self.safety_settings})[:16]
 
     def _content_hash(self) -> str:
         return _sha256(
@@ -428,11 +459,12 @@ class GeminiCachedModel(GeminiModel):
 
     @property
     def display_name(self) -> str:
-        """``batchllm:<content fp16>[:<tags hash8>]``, well under Gemini's 128-character limit."""
-        name = f"{DISPLAY_NAME_PREFIX}:{self.fingerprint()}"
-        if self.cache_tags:
-            name += f":{_sha256(self.cache_tags)[:8]}"
-        return name
+        """``batchllm:<content fp16>[:<tags hash8>]``, well under Gemini's 128-character limit.
+
+        Computed once at construction. Safety settings are per request, so they are not part of it: models
+        that differ only in safety settings share one cache.
+        """
+        return self._display_name
 
     @property
     def cache_name(self) -> str | None:
@@ -496,19 +528,33 @@ class GeminiCachedModel(GeminiModel):
         await self.prepare()
         if self.auto_renew and self._needs_renewal():
             await self._renew()
-        name = self._cache_name
-        assert name is not None
+        name = await self._current_name()
         try:
             return await self._generate_with(name, prompt, temperature, config)
         except Exception as exc:
             if not is_missing_cache_error(exc):
                 raise
         await self._recreate(stale=name)
-        name = self._cache_name
-        assert name is not None
+        name = await self._current_name()
         return await self._generate_with(name, prompt, temperature, config)
 
     # -- internals -----------------------------------------------------------------------------------
+
+    async def _current_name(self) -> str:
+        """The cache name to use now; finds or creates one if it was cleared (e.g. by ``delete_cache``).
+
+        Read once into a local: another thread may change ``_cache_name`` at any time, but the lifecycle
+        never clears it while awaiting the network (``_adopt`` replaces it in one step).
+        """
+        name = self._cache_name
+        if name is None:
+            async with self._lock:
+                if self._cache_name is None:
+                    await self._find_or_create()
+                name = self._cache_name
+        if name is None:  # pragma: no cover - _find_or_create adopts a cache or raises
+            raise RuntimeError("no context cache available")
+        return name
 
     async def _generate_with(
         self, name: str, prompt: str | list[Any], temperature: float, config: dict[str, Any] | None
@@ -521,14 +567,14 @@ class GeminiCachedModel(GeminiModel):
 
     async def _find_live(self, *, exclude: str | None = None) -> types.CachedContent | None:
         """The live cache whose display name and model match ours (latest expiry wins), if any."""
-        wanted_model = _bare_model_name(self.model)
+        wanted_model = bare_model_name(self.model)
         now = datetime.now(UTC)
         best: types.CachedContent | None = None
         pager = await self._client().aio.caches.list(config=types.ListCachedContentsConfig(page_size=100))
         async for cache in pager:
             if cache.display_name != self.display_name or not cache.name or cache.name == exclude:
                 continue
-            if cache.model and _bare_model_name(cache.model) != wanted_model:
+            if cache.model and bare_model_name(cache.model) != wanted_model:
                 continue
             if cache.expire_time is not None and cache.expire_time <= now:
                 continue
@@ -549,7 +595,7 @@ class GeminiCachedModel(GeminiModel):
             contents=self.cached_content,
             system_instruction=self.system_instruction,
             display_name=self.display_name,
-            ttl=f"{int(self.cache_ttl_seconds)}s",
+            ttl=_duration(self.cache_ttl_seconds),
         )
         created = await self._client().aio.caches.create(model=self.model, config=config)
         self.creates += 1
@@ -579,13 +625,13 @@ class GeminiCachedModel(GeminiModel):
             try:
                 updated = await self._client().aio.caches.update(
                     name=self._cache_name,
-                    config=types.UpdateCachedContentConfig(ttl=f"{int(self.cache_ttl_seconds)}s"),
+                    config=types.UpdateCachedContentConfig(ttl=_duration(self.cache_ttl_seconds)),
                 )
             except Exception as exc:
                 if not is_missing_cache_error(exc):
                     raise
-                stale, self._cache_name = self._cache_name, None
-                await self._find_or_create(exclude=stale)
+                # Keep the stale name until _adopt replaces it: a concurrent generate() must never read None.
+                await self._find_or_create(exclude=self._cache_name)
                 return
             self.renewals += 1
             self._expire_time = updated.expire_time or (
@@ -595,7 +641,17 @@ class GeminiCachedModel(GeminiModel):
     async def _recreate(self, *, stale: str) -> None:
         """Replace a cache the API no longer knows; concurrent callers share one recreation."""
         async with self._lock:
+            if self._deleted:
+                raise RuntimeError("cache was deleted via delete_cache()")
             if self._cache_name is not None and self._cache_name != stale:
                 return  # another caller already replaced it
-            self._cache_name = None
-            await self._create()
+            # Adopt a replacement another process (a pickled copy of this model) may already have made;
+            # the stale name stays readable until _adopt swaps in the new one.
+            await self._find_or_create(exclude=stale)
+
+
+def _duration(seconds: float) -> str:
+    """Protobuf Duration text: ``3600`` -> ``"3600s"``, ``90.5`` -> ``"90.5s"`` (no silent truncation)."""
+    if float(seconds).is_integer():
+        return f"{int(seconds)}s"
+    return f"{float(seconds):.9f}".rstrip("0").rstrip(".") + "s"

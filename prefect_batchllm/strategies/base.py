@@ -8,12 +8,43 @@ The framework calls ``prepare()`` once per strategy instance per run (before any
 from __future__ import annotations
 
 import hashlib
+import json
 from abc import ABC, abstractmethod
 from typing import Any, Generic, TypeVar
 
 from prefect_batchllm.core.tokens import TokenUsage, estimate_tokens
 
 TOutput = TypeVar("TOutput")
+
+#: The text every dry run returns when no output schema is known.
+DRY_RUN_TEXT = "[DRY-RUN] Mock output"
+#: Token usage reported by every dry run (no call is made; fixed so dry runs are comparable).
+MOCK_USAGE: TokenUsage = {
+    "input_tokens": 100,
+    "output_tokens": 50,
+    "total_tokens": 150,
+    "cached_input_tokens": 0,
+}
+
+
+def schema_identity(value: Any) -> str:
+    """Stable text identity of an output type / schema for fingerprints (its JSON schema when it has one)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    schema = getattr(value, "model_json_schema", None)
+    if isinstance(value, type) and callable(schema):
+        return json.dumps(schema(), sort_keys=True)
+    try:
+        from pydantic import TypeAdapter
+
+        return json.dumps(TypeAdapter(value).json_schema(), sort_keys=True)
+    except Exception:
+        if isinstance(value, type):
+            return f"{value.__module__}.{value.__qualname__}"
+        return repr(value)
+
 
 #: ``execute`` returns ``(output, token_usage)``; it may add a third element, a metadata dict
 #: (e.g. ``{"safety_ratings": {...}, "finish_reason": "STOP"}``), which lands in ``WorkItemResult``.
@@ -65,11 +96,7 @@ class LLMCallStrategy(ABC, Generic[TOutput]):
 
     async def dry_run(self, prompt: Any) -> tuple[TOutput, TokenUsage]:
         """Mock output for ``dry_run=True`` runs: no network call is made."""
-        return "[DRY-RUN] Mock output", {  # type: ignore[return-value]
-            "input_tokens": 100,
-            "output_tokens": 50,
-            "total_tokens": 150,
-        }
+        return DRY_RUN_TEXT, dict(MOCK_USAGE)  # type: ignore[return-value]
 
     # -- hooks used by the orchestration layer (sensible defaults; override when you know better) ------
 

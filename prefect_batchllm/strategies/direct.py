@@ -7,6 +7,8 @@ package does not wrap, or for full control of temperature and prompts per attemp
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import inspect
 from collections.abc import Callable, Mapping
@@ -41,6 +43,7 @@ class DirectCallStrategy(LLMCallStrategy[TOutput]):
         self._model_name = model_name
         self.identity = identity
         self._pass_state = _takes_state(call)
+        self._is_async = _is_coroutine_function(call)
         _check_arity(call)
 
     def __repr__(self) -> str:
@@ -54,11 +57,16 @@ class DirectCallStrategy(LLMCallStrategy[TOutput]):
     async def execute(
         self, prompt: Any, attempt: int, timeout: float, state: RetryState | None = None
     ) -> ExecuteResult[TOutput]:
-        """Run the callable (sync or async) and normalise its ``(output, usage[, metadata])`` result."""
-        if self._pass_state:
-            result = self.call(prompt, attempt, timeout, state=state)
+        """Run the callable and normalise its ``(output, usage[, metadata])`` result.
+
+        Coroutine functions are awaited on the loop; sync callables run in a worker thread
+        (``asyncio.to_thread``) so they neither block the loop nor escape the framework's timeout.
+        """
+        kwargs: dict[str, Any] = {"state": state} if self._pass_state else {}
+        if self._is_async:
+            result = self.call(prompt, attempt, timeout, **kwargs)
         else:
-            result = self.call(prompt, attempt, timeout)
+            result = await asyncio.to_thread(self.call, prompt, attempt, timeout, **kwargs)
         if inspect.isawaitable(result):
             result = await result
         if not isinstance(result, tuple) or len(result) not in (2, 3):
@@ -88,6 +96,14 @@ class DirectCallStrategy(LLMCallStrategy[TOutput]):
 
 def _qualname(call: Callable[..., Any]) -> str:
     return f"{getattr(call, '__module__', '')}.{getattr(call, '__qualname__', type(call).__name__)}"
+
+
+def _is_coroutine_function(call: Callable[..., Any]) -> bool:
+    while isinstance(call, functools.partial):
+        call = call.func
+    return inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(
+        getattr(call, "__call__", None)  # noqa: B004 - an instance with an async __call__
+    )
 
 
 def _signature(call: Callable[..., Any]) -> inspect.Signature | None:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
+import inspect
 import json
+import random
 import re
 import types as _pytypes
+import typing
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
@@ -20,9 +23,17 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from prefect_batchllm.core.errors import InvalidOutputError, attach_token_usage
+from prefect_batchllm.core.schema_fake import fake_for_schema
 from prefect_batchllm.core.tokens import TokenUsage
 from prefect_batchllm.models.base import LLMModel, LLMResponse
-from prefect_batchllm.strategies.base import LLMCallStrategy, RetryState, TOutput
+from prefect_batchllm.strategies.base import (
+    DRY_RUN_TEXT,
+    MOCK_USAGE,
+    LLMCallStrategy,
+    RetryState,
+    TOutput,
+    schema_identity,
+)
 
 __all__ = [
     "CORRECTION_STATE_KEY",
@@ -36,24 +47,13 @@ T = TypeVar("T")
 
 #: ``RetryState`` key holding the last validation error, used for the correction note of the next attempt.
 CORRECTION_STATE_KEY = "last_validation_error"
-MOCK_USAGE: TokenUsage = {
-    "input_tokens": 100,
-    "output_tokens": 50,
-    "total_tokens": 150,
-    "cached_input_tokens": 0,
-}
 _FENCE = re.compile(r"^\s*```(?:json)?\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
 _MAX_ERROR_CHARS = 600
 
 
 def usage_of_response(response: LLMResponse) -> TokenUsage:
-    """The billed tokens of an :class:`LLMResponse` as a ``TokenUsage``."""
-    return {
-        "input_tokens": response.input_tokens,
-        "output_tokens": response.output_tokens,
-        "total_tokens": response.total_tokens,
-        "cached_input_tokens": response.cached_input_tokens,
-    }
+    """The billed tokens of an :class:`LLMResponse` (kept for compatibility: ``response.token_usage()``)."""
+    return response.token_usage()
 
 
 def _strip_fences(text: str) -> str:
@@ -91,7 +91,7 @@ def pydantic_json_parser(output_type: type[T] | Any) -> Callable[[LLMResponse], 
                 f"answer does not match {getattr(output_type, '__name__', output_type)}: {_short_error(exc)}",
                 raw_text=response.text,
                 validation_error=exc,
-                token_usage=usage_of_response(response),
+                token_usage=response.token_usage(),
             ) from exc
 
     parse.__qualname__ = f"pydantic_json_parser({getattr(output_type, '__name__', output_type)})"
@@ -106,25 +106,108 @@ def _text_parser(response: LLMResponse) -> str:
 # Schema-shaped mocks for dry runs.
 
 
+class _FirstChoice(random.Random):
+    """A ``Random`` that always makes the first / lowest choice: boring, reproducible mock values
+    (first enum member, lower numeric bound, ``name-000000`` strings)."""
+
+    def random(self) -> float:
+        return 0.0
+
+    def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int:  # type: ignore[override]
+        return 0 if stop is None else start
+
+    def getrandbits(self, k: int) -> int:
+        return 0
+
+
+def _unwrap_output_spec(spec: Any) -> Any:
+    """The output type behind a pydantic-ai output spec: ``NativeOutput(M)``/``PromptedOutput(M)``
+    (``.outputs``), ``ToolOutput(M)`` (``.output``), ``TextOutput`` (text), an output function (its return
+    annotation) or a list of those (the first)."""
+    for _ in range(8):
+        if isinstance(spec, list | tuple):
+            if not spec:
+                return str
+            spec = spec[0]
+        elif type(spec).__module__.startswith("pydantic_ai"):
+            if hasattr(spec, "outputs"):
+                spec = spec.outputs
+            elif hasattr(spec, "output"):
+                spec = spec.output
+            elif hasattr(spec, "output_function"):
+                return str
+            else:
+                return spec
+        elif inspect.isfunction(spec) or inspect.ismethod(spec):
+            try:
+                return typing.get_type_hints(spec).get("return", str)
+            except Exception:
+                return str
+        else:
+            return spec
+    return spec
+
+
+def _drop_defaulted(schema: Any) -> Any:
+    """The schema without optional properties that have a default, so validation fills the default in."""
+    if isinstance(schema, list):
+        return [_drop_defaulted(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _drop_defaulted(v) for k, v in schema.items()}
+    props = out.get("properties")
+    if isinstance(props, dict):
+        required = set(out.get("required") or [])
+        out["properties"] = {
+            k: v for k, v in props.items() if k in required or not (isinstance(v, dict) and "default" in v)
+        }
+    return out
+
+
 def mock_output(output_type: Any, _depth: int = 0) -> Any:
-    """A placeholder value of ``output_type``: pydantic models are built field by field, nested included."""
+    """A placeholder value of ``output_type`` that validates against it (dry runs).
+
+    The type's JSON schema is faked by :func:`~prefect_batchllm.core.schema_fake.fake_for_schema`
+    (constraints, nesting, dataclasses, TypedDicts, tuples and unions included; defaults kept) and validated
+    into the type. pydantic-ai output specs (``NativeOutput(M)``, ``ToolOutput(M)``, ``[A, B]``) are
+    unwrapped first; a JSON schema dict is faked as is. Types without a JSON schema get a best-effort value.
+    """
+    output_type = _unwrap_output_spec(output_type)
+    if output_type is Any or output_type is str:
+        return DRY_RUN_TEXT if _depth == 0 else "mock"
+    if output_type is None or output_type is type(None):
+        return None
+    if isinstance(output_type, BaseModel):  # a google.genai ``Schema`` object
+        return fake_for_schema(output_type.model_dump(mode="json", exclude_none=True), _FirstChoice())
+    if isinstance(output_type, dict):
+        return fake_for_schema(output_type, _FirstChoice())
+    try:
+        adapter: TypeAdapter[Any] = TypeAdapter(output_type)
+        schema = _drop_defaulted(adapter.json_schema())
+        return adapter.validate_python(fake_for_schema(schema, _FirstChoice()))
+    except Exception:
+        return _fallback_mock(output_type, _depth)
+
+
+def _fallback_mock(output_type: Any, _depth: int = 0) -> Any:
+    """Best-effort placeholder for types without a usable JSON schema (built field by field)."""
     if _depth > 6:
         return None
     if output_type is None or output_type is type(None):
         return None
     if output_type is Any or output_type is str:
-        return "[DRY-RUN] Mock output" if _depth == 0 else "mock"
+        return DRY_RUN_TEXT if _depth == 0 else "mock"
     origin = get_origin(output_type)
     args = get_args(output_type)
     if origin is Literal:
         return args[0] if args else None
     if origin in (Union, _pytypes.UnionType):
         non_none = [a for a in args if a is not type(None)]
-        return mock_output(non_none[0], _depth + 1) if non_none else None
+        return _fallback_mock(non_none[0], _depth + 1) if non_none else None
     if origin is not None and str(origin).endswith("Annotated"):
-        return mock_output(args[0], _depth)
+        return _fallback_mock(args[0], _depth)
     if origin in (list, set, frozenset, tuple) or output_type in (list, set, frozenset, tuple):
-        item = mock_output(args[0], _depth + 1) if args and args[0] is not Ellipsis else None
+        item = _fallback_mock(args[0], _depth + 1) if args and args[0] is not Ellipsis else None
         values = [item] if args else []
         return (origin or output_type)(values) if (origin or output_type) is not list else values
     if origin is dict or output_type is dict:
@@ -136,7 +219,7 @@ def mock_output(output_type: Any, _depth: int = 0) -> Any:
                 if not field.is_required():
                     values[name] = field.get_default(call_default_factory=True)
                 else:
-                    values[name] = mock_output(field.annotation, _depth + 1)
+                    values[name] = _fallback_mock(field.annotation, _depth + 1)
             return output_type.model_construct(**values)
         if issubclass(output_type, enum.Enum):
             return next(iter(output_type))
@@ -251,7 +334,7 @@ class GeminiStrategy(LLMCallStrategy[TOutput]):
             temperature=self.temperature,
             config=self._request_config(),
         )
-        usage = usage_of_response(response)
+        usage = response.token_usage()
         try:
             output = self.response_parser(response)
         except InvalidOutputError as exc:
@@ -266,7 +349,8 @@ class GeminiStrategy(LLMCallStrategy[TOutput]):
                 token_usage=usage,
             ) from exc
         except Exception as exc:
-            raise attach_token_usage(exc, usage) from None
+            attach_token_usage(exc, usage)  # keep the user's exception (and its cause) intact
+            raise
         meta = response.metadata or {}
         metadata = {
             key: meta.get(key)
@@ -288,9 +372,12 @@ class GeminiStrategy(LLMCallStrategy[TOutput]):
 
     async def dry_run(self, prompt: Any) -> tuple[TOutput, TokenUsage]:
         """A schema-shaped mock (with ``response_schema``) or a mock string; no network call."""
-        if self.response_schema is not None:
-            return mock_output(self.response_schema), dict(MOCK_USAGE)  # type: ignore[return-value]
-        return "[DRY-RUN] Mock output", dict(MOCK_USAGE)  # type: ignore[return-value]
+        schema = self.response_schema
+        if schema is None:
+            schema = self.generation_config.get("response_json_schema")
+        if schema is not None:
+            return mock_output(schema), dict(MOCK_USAGE)  # type: ignore[return-value]
+        return DRY_RUN_TEXT, dict(MOCK_USAGE)  # type: ignore[return-value]
 
     def fingerprint(self) -> str:
         """Model fingerprint plus parser, schema and generation settings (a change re-runs items)."""
@@ -301,18 +388,7 @@ class GeminiStrategy(LLMCallStrategy[TOutput]):
             super().fingerprint(),
             f"{getattr(parser, '__module__', '')}.{getattr(parser, '__qualname__', type(parser).__name__)}",
             repr(self.temperature),
-            _schema_identity(self.response_schema),
-            json.dumps(self.generation_config, sort_keys=True, default=_schema_identity),
+            schema_identity(self.response_schema),
+            json.dumps(self.generation_config, sort_keys=True, default=schema_identity),
         ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def _schema_identity(schema: Any) -> str:
-    if schema is None:
-        return ""
-    if isinstance(schema, type) and issubclass(schema, BaseModel):
-        return json.dumps(schema.model_json_schema(), sort_keys=True)
-    try:
-        return json.dumps(TypeAdapter(schema).json_schema(), sort_keys=True)
-    except Exception:
-        return repr(schema)

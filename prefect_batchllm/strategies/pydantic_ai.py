@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from prefect_batchllm.core.errors import attach_token_usage
+from prefect_batchllm.core.pricing import bare_model_name
 from prefect_batchllm.core.tokens import TokenUsage
-from prefect_batchllm.strategies.base import LLMCallStrategy, RetryState, TOutput
-from prefect_batchllm.strategies.gemini import MOCK_USAGE, mock_output
+from prefect_batchllm.strategies.base import MOCK_USAGE, LLMCallStrategy, RetryState, TOutput, schema_identity
+from prefect_batchllm.strategies.gemini import mock_output
 
 __all__ = ["AgentFactoryStrategy", "PydanticAIStrategy", "agent_model_name", "usage_from_run"]
 
@@ -43,7 +45,7 @@ def agent_model_name(agent: Any) -> str | None:
     name = model if isinstance(model, str) else getattr(model, "model_name", None)
     if not isinstance(name, str) or not name:
         return None
-    return name.split(":", 1)[1] if ":" in name else name
+    return bare_model_name(name)
 
 
 def _result_usage(result: Any) -> Any:
@@ -136,6 +138,8 @@ class AgentFactoryStrategy(LLMCallStrategy[TOutput]):
             )
         self.agent_factory = agent_factory
         self._first_agent: Any = None
+        self._probe_unused = False  # the probe agent is handed to the first attempt-1 execute()
+        self._probe_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"AgentFactoryStrategy({getattr(self.agent_factory, '__qualname__', self.agent_factory)!r})"
@@ -147,9 +151,20 @@ class AgentFactoryStrategy(LLMCallStrategy[TOutput]):
 
     def _probe_agent(self) -> Any:
         """The attempt-1 agent, built once, for the model name, output type and fingerprint."""
-        if self._first_agent is None:
-            self._first_agent = self._agent_for(1)
-        return self._first_agent
+        with self._probe_lock:
+            if self._first_agent is None:
+                self._first_agent = self._agent_for(1)
+                self._probe_unused = True
+            return self._first_agent
+
+    def _take_agent(self, attempt: int) -> Any:
+        """A fresh agent for ``attempt``; the first attempt-1 call reuses the probe agent (built once)."""
+        if attempt == 1:
+            with self._probe_lock:
+                if self._probe_unused:
+                    self._probe_unused = False
+                    return self._first_agent
+        return self._agent_for(attempt)
 
     @property
     def model_name(self) -> str | None:
@@ -160,7 +175,7 @@ class AgentFactoryStrategy(LLMCallStrategy[TOutput]):
         self, prompt: Any, attempt: int, timeout: float, state: RetryState | None = None
     ) -> tuple[TOutput, TokenUsage]:
         """Build the agent for this attempt and run it once."""
-        return await _run_agent(self._agent_for(attempt), prompt)
+        return await _run_agent(self._take_agent(attempt), prompt)
 
     async def dry_run(self, prompt: Any) -> tuple[TOutput, TokenUsage]:
         """A placeholder shaped like the attempt-1 agent's ``output_type``."""
@@ -189,16 +204,5 @@ def _agent_prompts(agent: Any) -> str:
 
 
 def _fingerprint(cls: type, *parts: Any) -> str:
-    text = "|".join([cls.__module__, cls.__qualname__, *(_type_name(p) for p in parts)])
+    text = "|".join([cls.__module__, cls.__qualname__, *(schema_identity(p) for p in parts)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _type_name(value: Any) -> str:
-    if isinstance(value, type):
-        schema = getattr(value, "model_json_schema", None)
-        if callable(schema):
-            import json
-
-            return json.dumps(schema(), sort_keys=True)
-        return f"{value.__module__}.{value.__qualname__}"
-    return str(value)

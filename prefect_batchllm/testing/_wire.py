@@ -11,6 +11,9 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
+# One Duration parser for the client side (RetryInfo) and the emulator (cache ttl); re-exported here.
+from prefect_batchllm.core.errors import parse_duration as parse_duration
+
 STATUS_NAMES: dict[int, str] = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
@@ -103,18 +106,6 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
 
 
-def parse_duration(value: Any) -> float | None:
-    """Parse a Duration string ("300s", "300.5s") or a number of seconds; None if unparseable."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str) and value.strip().endswith("s"):
-        try:
-            return float(value.strip()[:-1])
-        except ValueError:
-            return None
-    return None
-
-
 def rate_limit_body(
     retry_delay_s: float,
     *,
@@ -191,7 +182,11 @@ def parse_rfc3339(value: Any) -> float | None:
 
 
 def tokens_for_chars(chars: int) -> int:
-    """The emulator's tokenizer: ceil(chars / 4), at least 1."""
+    """The emulator's tokenizer: ceil(chars / 4), at least 1.
+
+    Deliberately the same rule as :func:`prefect_batchllm.core.tokens.estimate_tokens` (which counts a
+    string), so the limiter's pre-call estimates match what the emulator bills; a test pins the two together.
+    """
     return max(1, math.ceil(chars / 4))
 
 
