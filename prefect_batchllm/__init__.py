@@ -46,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "run_batch": "prefect_batchllm.prefect.flows",
     "run_batch_prompts": "prefect_batchllm.prefect.flows",
     "ParallelBatchProcessor": "prefect_batchllm.prefect.flows",
+    "BatchItemsFailed": "prefect_batchllm.prefect.flows",
     "GeminiCredentials": "prefect_batchllm.prefect.blocks",
     "GeminiCachedModelBlock": "prefect_batchllm.prefect.blocks",
     "ensure_rate_limits": "prefect_batchllm.prefect.limits",

@@ -358,3 +358,13 @@ def test_missing_cache_404_is_transient() -> None:
     other = {"error": {"code": 404, "message": "models/nope is not found", "status": "NOT_FOUND"}}
     verdict = DefaultErrorClassifier().classify(genai_errors.ClientError(404, other))
     assert verdict.category is ErrorCategory.FATAL
+
+
+def test_seed_keywords_are_exclusive_with_strategy() -> None:
+    async def direct(attempt, timeout):
+        return "x", {}
+
+    with pytest.raises(TypeError, match="exactly one of strategy, direct_call"):
+        LLMWorkItem("a", Echo(), "p", direct_call=direct)
+    item = LLMWorkItem("a", direct_call=direct, input_data={"row": 1})
+    assert item.prompt == "a" and item.strategy.fingerprint()  # prompt defaults to the id for direct calls

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from prefect_batchllm.core.pricing import ModelPrice, price_for
@@ -23,14 +24,37 @@ class LLMWorkItem(Generic[TOutput, TContext]):
     """One unit of work: an id, the strategy that knows how to call the LLM, its prompt and context.
 
     ``prompt`` is a string, or a list of content parts for multimodal strategies.
+
+    For code written against the original batch-llm, exactly one of the keyword-only ``agent=``
+    (a pydantic-ai Agent), ``agent_factory=`` (attempt -> Agent) or ``direct_call=`` (with optional
+    ``input_data=``) may be given instead of ``strategy``; it is turned into the matching strategy.
     """
 
     item_id: str
-    strategy: LLMCallStrategy[TOutput]
+    strategy: LLMCallStrategy[TOutput] | None = None
     prompt: str | list[Any] = ""
     context: TContext | None = None
+    _: KW_ONLY
+    agent: InitVar[Any] = None
+    agent_factory: InitVar[Callable[[int], Any] | None] = None
+    direct_call: InitVar[Callable[..., Any] | None] = None
+    input_data: InitVar[Any] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, agent: Any, agent_factory: Any, direct_call: Any, input_data: Any) -> None:
+        legacy = {"agent": agent, "agent_factory": agent_factory, "direct_call": direct_call}
+        given = [name for name, value in legacy.items() if value is not None]
+        if self.strategy is not None:
+            given.insert(0, "strategy")
+        if len(given) > 1:
+            raise TypeError(f"LLMWorkItem {self.item_id!r}: give exactly one of {', '.join(given)}")
+        if self.strategy is None and given:
+            self.strategy = _legacy_strategy(agent, agent_factory, direct_call, input_data)
+            if direct_call is not None and isinstance(self.prompt, str) and not self.prompt.strip():
+                self.prompt = input_data if isinstance(input_data, str) and input_data else self.item_id
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise a ValueError/TypeError naming the field and the fix."""
         from prefect_batchllm.strategies.base import LLMCallStrategy
 
         if not isinstance(self.item_id, str) or not self.item_id.strip():
@@ -53,6 +77,33 @@ class LLMWorkItem(Generic[TOutput, TContext]):
                 f"LLMWorkItem {self.item_id!r}: prompt must be a str or a list of content parts, "
                 f"got {type(self.prompt).__name__}"
             )
+
+
+# Agents are not hashable; key by identity and keep the agent alive with its strategy.
+_AGENT_STRATEGIES: dict[int, tuple[Any, Any]] = {}
+
+
+def _legacy_strategy(agent: Any, agent_factory: Any, direct_call: Any, input_data: Any) -> Any:
+    """The strategy behind the original batch-llm keywords (one per agent, so it is prepared once)."""
+    from prefect_batchllm.strategies.direct import DirectCallStrategy
+    from prefect_batchllm.strategies.pydantic_ai import AgentFactoryStrategy, PydanticAIStrategy
+
+    if agent is not None:
+        if id(agent) not in _AGENT_STRATEGIES:
+            _AGENT_STRATEGIES[id(agent)] = (agent, PydanticAIStrategy(agent))
+        return _AGENT_STRATEGIES[id(agent)][1]
+    if agent_factory is not None:
+        return AgentFactoryStrategy(agent_factory)
+    if not callable(direct_call):
+        raise TypeError(f"direct_call must be callable, got {type(direct_call).__name__}")
+    takes_input = len(inspect.signature(direct_call).parameters) >= 3
+
+    async def call(prompt: Any, attempt: int, timeout: float) -> Any:
+        result = direct_call(input_data, attempt, timeout) if takes_input else direct_call(attempt, timeout)
+        return await result if inspect.isawaitable(result) else result
+
+    name = getattr(direct_call, "__qualname__", type(direct_call).__name__)
+    return DirectCallStrategy(call, identity=f"{getattr(direct_call, '__module__', '')}.{name}")
 
 
 @dataclass

@@ -1,0 +1,279 @@
+"""Run one attempt of one item: admission, ``execute`` under the per-item timeout, token accounting,
+``on_error`` and classification.
+
+Prefect-free on purpose: the orchestration layer (per-item Prefect task, chunked mode, tests) calls
+:func:`run_attempt` once per attempt and decides about retries from the :class:`AttemptFailed` it raises.
+What must survive between attempts of one item (its ``RetryState``, billed tokens, counters) lives in an
+:class:`ItemLedger` the caller keeps.
+
+Rate limits are handled *inside* one attempt: a 429 is reported to the admission (so every worker sharing
+the quota pauses), waited out (at least the provider's ``retry_after``), and the same attempt number is
+tried again. They never consume ``RetryConfig.max_attempts``; ``max_rate_limit_retries`` caps them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect_batchllm.core.admission import Admission
+from prefect_batchllm.core.config import ProcessorConfig
+from prefect_batchllm.core.errors import (
+    BlockedResponseError,
+    ErrorCategory,
+    ErrorClassifier,
+    ErrorInfo,
+    ItemTimeoutError,
+    RateLimitRetriesExceeded,
+    describe_error,
+    redact,
+    token_usage_of,
+)
+from prefect_batchllm.core.tokens import TokenUsage, add_usage, normalize_usage
+from prefect_batchllm.strategies.base import LLMCallStrategy, RetryState
+
+logger = logging.getLogger("prefect_batchllm")
+
+#: Called when an attempt hit a provider rate limit (before the pause), e.g. to emit an observer event.
+RateLimitHook = Callable[[ErrorInfo], Awaitable[None]]
+
+
+@dataclass
+class ItemLedger:
+    """Everything about one item that must survive between its attempts (and its Prefect task retries)."""
+
+    item_id: str
+    state: RetryState = field(default_factory=RetryState)
+    token_usage: TokenUsage = field(default_factory=lambda: normalize_usage(None))
+    attempts: int = 0  # highest logical attempt number started (what the retry budget counts)
+    executions: int = 0  # execute() calls, rate-limit repeats included
+    rate_limit_retries: int = 0
+    started_at: float | None = None  # time.monotonic() of the first attempt
+    finished_at: float | None = None
+    safety_ratings: dict[str, str] | None = None
+    last_error: AttemptFailed | None = None
+
+    @property
+    def duration_s(self) -> float:
+        """Seconds from the first attempt's start to the end (or now while running)."""
+        if self.started_at is None:
+            return 0.0
+        end = self.finished_at if self.finished_at is not None else time.monotonic()
+        return max(0.0, end - self.started_at)
+
+
+@dataclass
+class AttemptSuccess:
+    """A successful attempt: output, the tokens of *this* attempt, and the strategy's metadata."""
+
+    output: Any
+    token_usage: TokenUsage
+    metadata: dict[str, Any]
+    safety_ratings: dict[str, str] | None = None
+
+
+class AttemptFailed(Exception):
+    """One attempt of an item failed. Its text is ``[category] reason``, which is what the UI shows.
+
+    Carries only plain data (picklable, safe to persist as a Prefect result); the provider exception is
+    the ``__cause__`` for in-process debugging.
+    """
+
+    def __init__(self, item_id: str, attempt: int, info: ErrorInfo, message: str) -> None:
+        super().__init__(item_id, attempt, info, message)
+        self.item_id = item_id
+        self.attempt = attempt
+        self.info = info
+        self.message = message
+
+    @property
+    def category(self) -> str:
+        return self.info.category.value
+
+    @property
+    def retryable(self) -> bool:
+        return self.info.is_retryable
+
+    @property
+    def retry_after(self) -> float | None:
+        return self.info.retry_after
+
+    def __str__(self) -> str:
+        return f"[{self.category}] {self.message}"
+
+
+class _RateLimited(Exception):
+    def __init__(self, info: ErrorInfo, error: Exception) -> None:
+        super().__init__(info.reason)
+        self.info = info
+        self.error = error
+
+
+def normalize_execute_result(raw: Any, strategy: object) -> tuple[Any, TokenUsage, dict[str, Any]]:
+    """Accept ``(output, usage)`` or ``(output, usage, metadata)``; anything else is a strategy bug."""
+    if isinstance(raw, tuple) and len(raw) in (2, 3):
+        output, usage = raw[0], raw[1]
+        metadata = raw[2] if len(raw) == 3 else None
+        if usage is not None and not isinstance(usage, dict):
+            raise TypeError(
+                f"{type(strategy).__name__}.execute returned token usage of type {type(usage).__name__}; "
+                "expected a dict like {'input_tokens': ..., 'output_tokens': ...}"
+            )
+        if metadata is not None and not isinstance(metadata, dict):
+            raise TypeError(f"{type(strategy).__name__}.execute returned non-dict metadata")
+        return output, normalize_usage(usage), dict(metadata or {})
+    raise TypeError(
+        f"{type(strategy).__name__}.execute must return (output, token_usage) or "
+        f"(output, token_usage, metadata), got {type(raw).__name__}"
+    )
+
+
+def _safety_ratings(metadata: dict[str, Any]) -> dict[str, str] | None:
+    ratings = metadata.get("safety_ratings")
+    return {str(k): str(v) for k, v in ratings.items()} if isinstance(ratings, dict) and ratings else None
+
+
+def _classify(classifier: ErrorClassifier, exc: BaseException) -> ErrorInfo:
+    try:
+        return classifier.classify(exc)
+    except Exception as classifier_exc:  # a buggy user classifier must not lose the item's outcome
+        logger.warning("error classifier %r failed: %s", classifier, classifier_exc)
+        return ErrorInfo(ErrorCategory.UNKNOWN, True, reason=describe_error(exc))
+
+
+async def _call_on_error(
+    strategy: LLMCallStrategy[Any], exc: Exception, attempt: int, state: RetryState
+) -> None:
+    try:
+        await strategy.on_error(exc, attempt, state)
+    except asyncio.CancelledError:
+        raise
+    except Exception as hook_exc:  # fail open: on_error is advisory
+        logger.warning("%s.on_error failed (ignored): %s", type(strategy).__name__, redact(f"{hook_exc!r}"))
+
+
+async def _execute_once(
+    strategy: LLMCallStrategy[Any],
+    prompt: Any,
+    attempt: int,
+    ledger: ItemLedger,
+    config: ProcessorConfig,
+    admission: Admission,
+    classifier: ErrorClassifier,
+) -> AttemptSuccess:
+    timeout = config.timeout_per_item
+    permit = await admission.admit(strategy.estimate_tokens(prompt))
+    error: Exception | None = None
+    try:
+        ledger.executions += 1
+        try:
+            async with asyncio.timeout(timeout) as scope:
+                raw = await strategy.execute(prompt, attempt, timeout, ledger.state)
+            output, usage, metadata = normalize_execute_result(raw, strategy)
+        except TimeoutError as exc:
+            error = exc
+            if scope.expired():
+                error = ItemTimeoutError(f"attempt {attempt} exceeded timeout_per_item={timeout:g}s")
+                error.__cause__ = exc
+        except Exception as exc:
+            error = exc
+        if error is None:
+            permit.reconcile(usage["input_tokens"])
+            ledger.token_usage = add_usage(ledger.token_usage, usage)
+        else:
+            billed = token_usage_of(error)
+            permit.reconcile(normalize_usage(billed)["input_tokens"] if billed else None)
+            if billed:
+                ledger.token_usage = add_usage(ledger.token_usage, billed)
+    finally:
+        await permit.release()
+
+    if error is None:
+        ratings = _safety_ratings(metadata)
+        if ratings:
+            ledger.safety_ratings = ratings
+        await admission.report_success()
+        return AttemptSuccess(output, usage, metadata, ratings)
+
+    if isinstance(error, BlockedResponseError) and error.safety_ratings:
+        ledger.safety_ratings = dict(error.safety_ratings)
+    await _call_on_error(strategy, error, attempt, ledger.state)
+    info = _classify(classifier, error)
+    if info.is_rate_limit and info.is_retryable:
+        raise _RateLimited(info, error)
+    failure = AttemptFailed(ledger.item_id, attempt, info, describe_error(error))
+    ledger.last_error = failure
+    raise failure from error
+
+
+async def run_attempt(
+    strategy: LLMCallStrategy[Any],
+    prompt: Any,
+    attempt: int,
+    ledger: ItemLedger,
+    *,
+    config: ProcessorConfig,
+    admission: Admission,
+    classifier: ErrorClassifier,
+    on_rate_limit: RateLimitHook | None = None,
+) -> AttemptSuccess:
+    """Run logical attempt ``attempt`` (1-based) of one item; raise :class:`AttemptFailed` if it failed.
+
+    Admission is asked before every provider call; the permit is reconciled with the real input tokens and
+    always released. Tokens billed for failed calls are added to ``ledger.token_usage``. In a dry run the
+    strategy's ``dry_run()`` answers and nothing is admitted.
+    """
+    ledger.attempts = max(ledger.attempts, attempt)
+    if ledger.started_at is None:
+        ledger.started_at = time.monotonic()
+    ledger.finished_at = None
+
+    if config.dry_run:
+        ledger.executions += 1
+        output, usage, metadata = normalize_execute_result(await strategy.dry_run(prompt), strategy)
+        ledger.token_usage = add_usage(ledger.token_usage, usage)
+        return AttemptSuccess(output, usage, metadata, _safety_ratings(metadata))
+
+    while True:
+        try:
+            return await _execute_once(strategy, prompt, attempt, ledger, config, admission, classifier)
+        except _RateLimited as limited:
+            ledger.rate_limit_retries += 1
+            if ledger.rate_limit_retries > config.retry.max_rate_limit_retries:
+                exceeded = RateLimitRetriesExceeded(
+                    f"rate limited {ledger.rate_limit_retries} times "
+                    f"(max_rate_limit_retries={config.retry.max_rate_limit_retries}); "
+                    f"last: {describe_error(limited.error)}"
+                )
+                info = _classify(classifier, exceeded)
+                failure = AttemptFailed(ledger.item_id, attempt, info, describe_error(exceeded))
+                ledger.last_error = failure
+                raise failure from limited.error
+            await _pause_after_rate_limit(limited.info, config, admission, on_rate_limit)
+
+
+async def _pause_after_rate_limit(
+    info: ErrorInfo, config: ProcessorConfig, admission: Admission, on_rate_limit: RateLimitHook | None
+) -> None:
+    """Tell the admission (shared pause) and wait at least the provider's delay before re-admission.
+
+    The admission's own pause and this wait overlap in wall time, so a pausing admission adds no extra
+    delay; with no limiter configured this wait alone keeps us from hammering the provider.
+    """
+    wait = info.retry_after if info.retry_after is not None else config.rate_limit.cooldown_seconds
+    started = time.monotonic()
+    if on_rate_limit is not None:
+        try:
+            await on_rate_limit(info)
+        except asyncio.CancelledError:
+            raise
+        except Exception as hook_exc:
+            logger.warning("rate-limit hook failed (ignored): %s", hook_exc)
+    await admission.report_rate_limit(info.retry_after)
+    remaining = wait - (time.monotonic() - started)
+    if remaining > 0:
+        await asyncio.sleep(remaining)

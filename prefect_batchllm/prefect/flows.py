@@ -1,0 +1,746 @@
+"""The batch flow (``run_batch``), its plain-prompts shorthand, and the seed-compatible processor facade.
+
+One async flow run per batch. Inside it: one prepare task per unique strategy, then one task run per item
+fanned out on the flow's own event loop (``max_workers`` async workers; ``.map`` would cost a thread and a
+fresh event loop per task and break loop-bound clients), then a reduce task that builds the
+:class:`BatchResult` from in-process results and publishes artifacts, and one cleanup task per strategy in
+a ``finally`` that cancellation cannot skip.
+
+``run_batch`` works from plain sync code (returns the result), from async code (``await`` it) and as a
+subflow of sync or async user flows. Its flow-run parameters store a compact description of ``items``
+(counts, ids, sizes), never the prompts, so batches far beyond Prefect's 512 KiB parameter cap start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Generic, TypeVar
+
+from prefect import Flow
+from prefect._internal.compatibility.async_dispatch import is_in_async_context
+from prefect.context import FlowRunContext
+from prefect.utilities.annotations import quote
+from prefect.utilities.asyncutils import run_coro_as_sync
+from prefect.utilities.callables import get_call_parameters
+
+from prefect_batchllm.core.admission import Admission, Unlimited
+from prefect_batchllm.core.attempt import AttemptFailed
+from prefect_batchllm.core.config import ProcessorConfig
+from prefect_batchllm.core.errors import DefaultErrorClassifier, ErrorClassifier, describe_error
+from prefect_batchllm.core.events import (
+    EventDispatcher,
+    Middleware,
+    PostProcessorFunc,
+    ProcessingEvent,
+    ProcessorObserver,
+    ProgressCallbackFunc,
+    call_user_hook,
+)
+from prefect_batchllm.core.items import BatchResult, LLMWorkItem, WorkItemResult, check_unique_ids
+from prefect_batchllm.core.tokens import normalize_usage
+from prefect_batchllm.prefect.artifacts import ProgressArtifact, slugify_key
+from prefect_batchllm.prefect.tasks import (
+    BatchRun,
+    cleanup_strategy,
+    close_run,
+    configured_item_task,
+    open_run,
+    prepare_strategy,
+    safe_reason,
+    summarize_batch,
+)
+from prefect_batchllm.strategies.base import LLMCallStrategy
+
+logger = logging.getLogger("prefect_batchllm")
+
+__all__ = ["BatchFlow", "BatchItemsFailed", "ParallelBatchProcessor", "run_batch", "run_batch_prompts"]
+
+TInput = TypeVar("TInput")
+TOutput = TypeVar("TOutput")
+TContext = TypeVar("TContext")
+
+#: Item ids shown in the stored flow-run parameters (the rest is summarised).
+_PARAM_IDS_SHOWN = 20
+
+
+class BatchItemsFailed(Exception):
+    """Raised by ``run_batch`` when ``fail_on_item_failure=True`` and items failed (flow run ends Failed).
+
+    The complete :class:`BatchResult` is on ``.result``; results and artifacts were written first.
+    """
+
+    def __init__(self, result: BatchResult[Any, Any]) -> None:
+        super().__init__(result)
+        self.result = result
+
+    def __str__(self) -> str:
+        r = self.result
+        categories = ", ".join(f"{k}={v}" for k, v in sorted(r.error_categories().items()))
+        return f"{r.failed}/{r.total_items} items failed ({categories})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Input validation (runs before the flow run is created, and again in the flow body)
+
+
+def validate_batch_inputs(items: Any, config: Any) -> tuple[list[LLMWorkItem[Any, Any]], ProcessorConfig]:
+    """Check items and config; raise a clear TypeError/ValueError before any task runs."""
+    if config is None:
+        config = ProcessorConfig()
+    elif not isinstance(config, ProcessorConfig):
+        raise TypeError(f"run_batch: config must be a ProcessorConfig, got {type(config).__name__}")
+    else:
+        config.validate()
+    if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
+        raise TypeError(
+            f"run_batch: items must be a sequence of LLMWorkItem, got {type(items).__name__}; "
+            "for plain prompts use run_batch_prompts(prompts, strategy)"
+        )
+    items = list(items)
+    if not items:
+        raise ValueError("run_batch: the batch is empty; pass at least one LLMWorkItem")
+    for index, item in enumerate(items):
+        if not isinstance(item, LLMWorkItem):
+            raise TypeError(f"run_batch: items[{index}] is a {type(item).__name__}, expected an LLMWorkItem")
+        item.validate()  # re-check fields mutated after construction
+        if not isinstance(item.prompt, str) and not getattr(item.strategy, "accepts_content_parts", True):
+            raise TypeError(
+                f"LLMWorkItem {item.item_id!r}: {type(item.strategy).__name__} takes text prompts only, "
+                f"got {type(item.prompt).__name__}"
+            )
+    check_unique_ids(items)
+    return items, config
+
+
+def describe_items(items: Any) -> dict[str, Any]:
+    """Compact, JSON-able description of a batch for the stored flow-run parameters."""
+    try:
+        seq = list(items)
+    except TypeError:
+        return {"type": type(items).__name__}
+    ids = [getattr(i, "item_id", None) for i in seq]
+    strategies = sorted({type(getattr(i, "strategy", None)).__name__ for i in seq})
+    prompt_chars = sum(len(p) for p in (getattr(i, "prompt", "") for i in seq) if isinstance(p, str))
+    return {
+        "count": len(seq),
+        "item_ids": ids[:_PARAM_IDS_SHOWN],
+        "more_item_ids": max(0, len(ids) - _PARAM_IDS_SHOWN),
+        "strategies": strategies,
+        "prompt_chars": prompt_chars,
+    }
+
+
+def _callable_name(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, list | tuple):
+        return [_callable_name(v) for v in value]
+    return getattr(value, "__qualname__", None) or type(value).__qualname__
+
+
+# --------------------------------------------------------------------------------------------------
+# The Flow subclass: compact parameters, sync/async dispatch, caller context
+
+
+@dataclass(frozen=True)
+class _Caller:
+    flow_name: str | None
+    deployment_id: Any
+
+
+_CALLER: contextvars.ContextVar[_Caller | None] = contextvars.ContextVar("batchllm_caller", default=None)
+
+
+class BatchFlow(Flow):  # type: ignore[type-arg]
+    """A Prefect ``Flow`` for batches: safe parameter storage and call-style dispatch.
+
+    * ``serialize_parameters`` stores a summary of ``items`` / ``prompts`` (never the prompts), so the
+      512 KiB server cap on flow parameters does not limit batch size.
+    * Called with no running event loop (plain code, or inside a sync ``@flow``) it runs to completion and
+      returns the result; called from async code it returns an awaitable, like any async flow.
+    * Inputs are validated before a flow run is created.
+    """
+
+    def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        compact = dict(parameters)
+        for name in ("items", "prompts"):
+            if name in compact:
+                compact[name] = (
+                    describe_items(compact[name]) if name == "items" else _describe_prompts(compact[name])
+                )
+        for name in ("post_processor", "error_classifier", "middlewares", "observers", "progress_callback"):
+            if name in compact:
+                compact[name] = _callable_name(compact[name])
+        if isinstance(compact.get("strategy"), LLMCallStrategy):
+            compact["strategy"] = repr(compact["strategy"])
+        return super().serialize_parameters(compact)
+
+    def with_options(self, *args: Any, **kwargs: Any) -> BatchFlow:
+        new = super().with_options(*args, **kwargs)
+        new.__class__ = type(self)
+        return new  # type: ignore[return-value]
+
+    def __call__(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
+        params = get_call_parameters(self.fn, args, kwargs)
+        if "items" in params:
+            # Materialise iterators once (validation must not consume what the flow body needs).
+            params["items"], _ = validate_batch_inputs(params["items"], params.get("config"))
+        parent = FlowRunContext.get()
+        _CALLER.set(
+            _Caller(
+                flow_name=parent.flow.name if parent and parent.flow else None,
+                deployment_id=parent.flow_run.deployment_id if parent and parent.flow_run else None,
+            )
+        )
+        result = super().__call__(return_state=return_state, wait_for=wait_for, **params)
+        if inspect.iscoroutine(result) and not is_in_async_context():
+            return run_coro_as_sync(result)
+        return result
+
+
+def _describe_prompts(prompts: Any) -> dict[str, Any]:
+    try:
+        seq = list(prompts.values()) if isinstance(prompts, Mapping) else list(prompts)
+    except TypeError:
+        return {"type": type(prompts).__name__}
+    return {"count": len(seq), "prompt_chars": sum(len(p) for p in seq if isinstance(p, str))}
+
+
+# --------------------------------------------------------------------------------------------------
+# Seams and helpers used by the flow body
+
+
+async def _admission_for(config: ProcessorConfig) -> Admission:
+    """The admission (rate limiter) for a batch. The single place the limiter plugs in."""
+    return Unlimited()
+
+
+async def _artifact_prefix(config: ProcessorConfig) -> str:
+    """``config.artifact_key``, else a slug of the calling flow (or this one) plus its deployment name."""
+    if config.artifact_key:
+        return config.artifact_key
+    ctx = FlowRunContext.get()
+    caller = _CALLER.get()
+    flow_name = (caller.flow_name if caller else None) or (ctx.flow.name if ctx and ctx.flow else "run-batch")
+    deployment_id = (caller.deployment_id if caller else None) or (
+        ctx.flow_run.deployment_id if ctx and ctx.flow_run else None
+    )
+    name = flow_name
+    if deployment_id is not None:
+        try:
+            from prefect.client.orchestration import get_client
+
+            async with get_client() as client:
+                deployment = await client.read_deployment(deployment_id)
+            name = f"{flow_name}-{deployment.name}"
+        except Exception as exc:  # naming is cosmetic; never fail the batch over it
+            logger.debug("could not read deployment %s: %s", deployment_id, exc)
+    return slugify_key(name)
+
+
+def _unique_strategies(items: Sequence[LLMWorkItem[Any, Any]]) -> list[LLMCallStrategy[Any]]:
+    seen: dict[int, LLMCallStrategy[Any]] = {}
+    for item in items:
+        seen.setdefault(id(item.strategy), item.strategy)
+    return list(seen.values())
+
+
+def _strategy_label(index: int, strategy: LLMCallStrategy[Any]) -> str:
+    return f"{index}-{slugify_key(type(strategy).__name__, 'strategy')}"
+
+
+async def _prepare_all(run: BatchRun, strategies: list[LLMCallStrategy[Any]]) -> None:
+    """One prepare task per unique strategy, concurrently; failures fail that strategy's items."""
+
+    async def prepare(index: int, strategy: LLMCallStrategy[Any]) -> None:
+        state = await prepare_strategy(
+            _strategy_label(index, strategy), quote(strategy), run.key, return_state=True
+        )
+        if not state.is_completed():
+            exc = await state.aresult(raise_on_failure=False)
+            reason = describe_error(exc) if isinstance(exc, BaseException) else str(state.message)
+            run.prepare_errors[id(strategy)] = reason
+            logger.warning("prepare() of %s failed; its items fail: %s", type(strategy).__name__, reason)
+
+    await asyncio.gather(*(prepare(i, s) for i, s in enumerate(strategies)))
+
+
+async def _cleanup_all(run: BatchRun, strategies: list[LLMCallStrategy[Any]]) -> None:
+    """One cleanup task per prepared strategy; falls back to a direct call if the task cannot run."""
+    for index, strategy in enumerate(strategies):
+        if id(strategy) not in run.prepared or id(strategy) in run.cleaned:
+            continue
+        try:
+            state = await cleanup_strategy(
+                _strategy_label(index, strategy), quote(strategy), run.key, return_state=True
+            )
+            if not state.is_completed():
+                logger.warning("cleanup() of %s failed: %s", type(strategy).__name__, state.message)
+        except BaseException as exc:  # the engine could not run the task: clean up directly
+            logger.debug("cleanup task could not run (%s); calling cleanup() directly", exc)
+        if id(strategy) not in run.cleaned:
+            run.cleaned.add(id(strategy))
+            try:
+                await strategy.cleanup()
+            except Exception as exc:
+                logger.warning("cleanup() of %s failed: %s", type(strategy).__name__, safe_reason(exc))
+
+
+async def _shielded(coro: Any) -> None:
+    """Run ``coro`` to completion in its own task even if the caller is cancelled meanwhile."""
+    job = asyncio.ensure_future(coro)
+    cancelled = False
+    while not job.done():
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            cancelled = True
+    job.result()
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+async def _middleware_before(
+    middlewares: list[Middleware], item: LLMWorkItem[Any, Any]
+) -> LLMWorkItem[Any, Any] | None:
+    current: LLMWorkItem[Any, Any] | None = item
+    for mw in middlewares:
+        try:
+            changed = await mw.before_process(current)  # type: ignore[arg-type]
+        except Exception as exc:
+            logger.warning("middleware %r before_process failed (ignored): %s", mw, safe_reason(exc))
+            continue
+        if changed is None:
+            return None
+        if not isinstance(changed, LLMWorkItem) or changed.item_id != item.item_id:
+            logger.warning("middleware %r must return the item (same item_id) or None; ignored", mw)
+            continue
+        current = changed
+    return current
+
+
+async def _middleware_after(
+    middlewares: list[Middleware], result: WorkItemResult[Any, Any]
+) -> WorkItemResult[Any, Any]:
+    for mw in reversed(middlewares):
+        try:
+            changed = await mw.after_process(result)
+        except Exception as exc:
+            logger.warning("middleware %r after_process failed (ignored): %s", mw, safe_reason(exc))
+            continue
+        if isinstance(changed, WorkItemResult):
+            result = changed
+    return result
+
+
+async def _middleware_on_error(
+    middlewares: list[Middleware], item: LLMWorkItem[Any, Any], error: Exception
+) -> WorkItemResult[Any, Any] | None:
+    for mw in middlewares:
+        try:
+            recovered = await mw.on_error(item, error)
+        except Exception as exc:
+            logger.warning("middleware %r on_error failed (ignored): %s", mw, safe_reason(exc))
+            continue
+        if isinstance(recovered, WorkItemResult):
+            return recovered
+    return None
+
+
+async def _result_from_state(
+    state: Any, item: LLMWorkItem[Any, Any], run: BatchRun
+) -> tuple[WorkItemResult[Any, Any], Exception | None]:
+    """The item's WorkItemResult from its final task state (and the failure, if it failed)."""
+    ledger = run.ledger(item.item_id)
+    if state.is_completed():
+        value = await state.aresult()
+        if not isinstance(value, WorkItemResult):
+            error = TypeError(f"item task returned {type(value).__name__}, not a WorkItemResult")
+            return _failed(item, ledger, error, "fatal"), error
+        result = WorkItemResult(**{f.name: getattr(value, f.name) for f in fields(WorkItemResult)})
+        result.context = item.context
+        if state.name == "Cached" and ledger.attempts == 0:
+            # Loaded from an earlier run's persisted result: nothing was requested or billed now.
+            result.replayed = True
+            result.metadata = {**result.metadata, "replayed_token_usage": dict(result.token_usage)}
+            result.token_usage = normalize_usage(None)
+            result.attempts = 0
+            result.duration_s = 0.0
+        return result, None
+    exc = await state.aresult(raise_on_failure=False)
+    if not isinstance(exc, Exception):
+        exc = RuntimeError(str(state.message or state.name))
+    if isinstance(exc, AttemptFailed):
+        return _failed(item, ledger, exc, exc.category, exc.message), exc
+    return _failed(item, ledger, exc, "unknown"), exc
+
+
+def _failed(
+    item: LLMWorkItem[Any, Any], ledger: Any, error: BaseException, category: str, message: str | None = None
+) -> WorkItemResult[Any, Any]:
+    return WorkItemResult(
+        item_id=item.item_id,
+        success=False,
+        error=message or describe_error(error),
+        context=item.context,
+        token_usage=ledger.token_usage,
+        gemini_safety_ratings=ledger.safety_ratings,
+        error_category=category,
+        attempts=ledger.attempts,
+        duration_s=ledger.duration_s,
+        model=item.strategy.model_name,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The flow
+
+
+async def _run_batch(
+    items: Sequence[LLMWorkItem[Any, Any]],
+    config: ProcessorConfig | None = None,
+    post_processor: PostProcessorFunc | None = None,
+    error_classifier: ErrorClassifier | None = None,
+    middlewares: list[Middleware] | None = None,
+    observers: list[ProcessorObserver] | None = None,
+    progress_callback: ProgressCallbackFunc | None = None,
+) -> BatchResult[Any, Any]:
+    """Run every item as a Prefect task and return the :class:`BatchResult` (one result per item,
+    in input order). Failed items are Failed task runs; the flow still returns the whole result unless
+    ``config.fail_on_item_failure`` is set, in which case it raises :class:`BatchItemsFailed` after
+    writing results and artifacts.
+    """
+    items, config = validate_batch_inputs(items, config)
+    mws = list(middlewares or [])
+    events = EventDispatcher(observers, timeout=config.progress_callback_timeout or 5.0)
+    admission = Unlimited() if config.dry_run else await _admission_for(config)
+    run = open_run(BatchRun(config, admission, error_classifier or DefaultErrorClassifier(), events))
+    total = len(items)
+    results: list[WorkItemResult[Any, Any] | None] = [None] * total
+    strategies = _unique_strategies(items)
+    prefix = await _artifact_prefix(config)
+    progress = ProgressArtifact(prefix, total, config.progress_interval)
+    item_task = configured_item_task(config)
+    completed = 0
+    started = time.monotonic()
+
+    async def run_one(index: int, item: LLMWorkItem[Any, Any]) -> None:
+        nonlocal completed
+        current = await _middleware_before(mws, item)
+        error: Exception | None = None
+        if current is None:
+            result: WorkItemResult[Any, Any] = WorkItemResult(
+                item.item_id,
+                False,
+                error="skipped by middleware",
+                context=item.context,
+                error_category="skipped",
+            )
+        else:
+            await events.emit(ProcessingEvent.ITEM_STARTED, {"item_id": item.item_id, "index": index})
+            state = await item_task(
+                item_id=current.item_id, item=quote(current), run_key=run.key, return_state=True
+            )
+            result, error = await _result_from_state(state, current, run)
+            if result.success and not result.replayed:
+                result = await _middleware_after(mws, result)
+            elif not result.success and error is not None:
+                recovered = await _middleware_on_error(mws, current, error)
+                if recovered is not None:
+                    result = recovered
+        results[index] = result
+        if result.success:
+            await events.emit(
+                ProcessingEvent.ITEM_COMPLETED,
+                {"item_id": result.item_id, "attempts": result.attempts, "replayed": result.replayed},
+            )
+        else:
+            await events.emit(
+                ProcessingEvent.ITEM_FAILED,
+                {
+                    "item_id": result.item_id,
+                    "error": result.error,
+                    "error_category": result.error_category,
+                    "attempts": result.attempts,
+                },
+            )
+        completed += 1
+        if progress_callback is not None:
+            await call_user_hook(
+                progress_callback,
+                completed,
+                total,
+                result.item_id,
+                timeout=config.progress_callback_timeout,
+                what="progress_callback",
+            )
+        await progress.update(completed)
+        if post_processor is not None and result.success and not result.replayed:
+            ok, message = await call_user_hook(
+                post_processor, result, timeout=config.post_processor_timeout, what="post_processor"
+            )
+            if not ok:
+                result.post_processor_error = message
+
+    pending = iter(enumerate(items))
+
+    async def worker() -> None:
+        for index, item in pending:  # shared iterator: each item is taken by exactly one worker
+            await run_one(index, item)
+
+    try:
+        await progress.start()
+        await events.emit(ProcessingEvent.BATCH_STARTED, {"total": total, "max_workers": config.max_workers})
+        if not config.dry_run:
+            await _prepare_all(run, strategies)
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(config.max_workers, total)):
+                group.create_task(worker())
+    finally:
+        try:
+            if not config.dry_run:
+                await _shielded(_cleanup_all(run, strategies))
+        finally:
+            close_run(run.key)
+            aclose = getattr(admission, "aclose", None)
+            if callable(aclose):
+                await _shielded(aclose())
+
+    wall = time.monotonic() - started
+    final = [r for r in results if r is not None]
+    if len(final) != total:  # defensive: every item must be accounted for
+        raise RuntimeError(f"internal error: {total - len(final)} items have no result")
+    await progress.update(completed, force=True)
+    batch = await summarize_batch(quote(final), wall, prefix)
+    await events.emit(
+        ProcessingEvent.BATCH_COMPLETED,
+        {"total": batch.total_items, "succeeded": batch.succeeded, "failed": batch.failed},
+    )
+    if config.fail_on_item_failure and batch.failed:
+        raise BatchItemsFailed(batch)
+    return batch
+
+
+run_batch: BatchFlow = BatchFlow(
+    _run_batch,
+    name="run-batch",
+    description="Run a batch of LLM work items, one Prefect task run per item.",
+    validate_parameters=False,
+    log_prints=False,
+)
+"""``run_batch(items, config=None, post_processor=None, *, error_classifier=None, middlewares=None,
+observers=None, progress_callback=None) -> BatchResult`` - a Prefect flow (see ``_run_batch``)."""
+
+
+def run_batch_prompts(
+    prompts: Sequence[str] | Mapping[str, str],
+    strategy: LLMCallStrategy[Any],
+    config: ProcessorConfig | None = None,
+) -> Any:
+    """Run plain prompts through one strategy. Ids are ``item-00000``... (or the mapping's keys).
+
+    Returns the :class:`BatchResult` from sync code, an awaitable from async code (like ``run_batch``).
+    """
+    if isinstance(prompts, str) or not isinstance(prompts, Iterable):
+        raise TypeError(f"run_batch_prompts: prompts must be a list of strings, got {type(prompts).__name__}")
+    if isinstance(prompts, Mapping):
+        pairs = [(str(k), v) for k, v in prompts.items()]
+    else:
+        listed = list(prompts)
+        width = max(5, len(str(len(listed))))
+        pairs = [(f"item-{i:0{width}d}", p) for i, p in enumerate(listed)]
+    items = [LLMWorkItem(item_id=item_id, strategy=strategy, prompt=p) for item_id, p in pairs]
+    return run_batch(items, config)
+
+
+# --------------------------------------------------------------------------------------------------
+# Seed-compatible facade
+
+
+class _StatsObserver:
+    """Counts events for ``ParallelBatchProcessor.get_stats()`` while the flow runs."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.succeeded = 0
+        self.failed = 0
+        self.retries = 0
+        self.rate_limit_count = 0
+
+    async def on_event(self, event: ProcessingEvent, data: dict[str, Any]) -> None:
+        if event is ProcessingEvent.ITEM_STARTED:
+            self.started += 1
+        elif event is ProcessingEvent.ITEM_COMPLETED:
+            self.succeeded += 1
+        elif event is ProcessingEvent.ITEM_FAILED:
+            self.failed += 1
+        elif event is ProcessingEvent.ITEM_RETRYING:
+            self.retries += 1
+        elif event is ProcessingEvent.RATE_LIMIT_HIT:
+            self.rate_limit_count += 1
+
+
+class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
+    """The seed library's processor, executing through the ``run_batch`` flow.
+
+    ``add_work`` queues items, ``process_all`` runs them as one Prefect flow run and returns the
+    :class:`BatchResult`. Instances are one-shot. Legacy keyword arguments (``max_workers``,
+    ``timeout_per_item``, ``rate_limit_cooldown``) are merged into ``config``; giving one that disagrees
+    with ``config`` is an error.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        post_processor: PostProcessorFunc | None = None,
+        timeout_per_item: float | None = None,
+        rate_limit_cooldown: float | None = None,
+        config: ProcessorConfig | None = None,
+        error_classifier: ErrorClassifier | None = None,
+        rate_limit_strategy: Any | None = None,
+        middlewares: list[Middleware] | None = None,
+        observers: list[ProcessorObserver] | None = None,
+        progress_callback: ProgressCallbackFunc | None = None,
+    ) -> None:
+        self.config = _merge_legacy_config(config, max_workers, timeout_per_item, rate_limit_cooldown)
+        if rate_limit_strategy is not None:
+            warnings.warn(
+                "ParallelBatchProcessor(rate_limit_strategy=...) is not used: 429 pauses follow "
+                "ProcessorConfig.rate_limit (RateLimitConfig.cooldown_seconds, backoff_multiplier)",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.post_processor = post_processor
+        self.error_classifier = error_classifier
+        self.middlewares = list(middlewares or [])
+        self.observers = list(observers or [])
+        self.progress_callback = progress_callback
+        self._items: list[LLMWorkItem[Any, Any]] = []
+        self._ids: set[str] = set()
+        self._stats = _StatsObserver()
+        self._result: BatchResult[Any, Any] | None = None
+        self._state = "open"  # open -> running -> done
+        self._started: float | None = None
+        self._finished: float | None = None
+
+    async def add_work(self, work_item: LLMWorkItem[TInput, TOutput]) -> None:  # type: ignore[type-var]
+        """Queue one item (rejects duplicates and additions after ``process_all`` started)."""
+        if self._state != "open":
+            raise RuntimeError("ParallelBatchProcessor: add_work after process_all(); create a new processor")
+        if not isinstance(work_item, LLMWorkItem):
+            raise TypeError(f"add_work expects an LLMWorkItem, got {type(work_item).__name__}")
+        if work_item.item_id in self._ids:
+            raise ValueError(
+                f"duplicate item_id {work_item.item_id!r}; every LLMWorkItem needs a unique item_id"
+            )
+        if self.config.max_queue_size and len(self._items) >= self.config.max_queue_size:
+            raise ValueError(
+                f"queue is full (max_queue_size={self.config.max_queue_size}); in batch mode the queue "
+                "must hold every item: raise max_queue_size or set it to 0 (unbounded)"
+            )
+        self._ids.add(work_item.item_id)
+        self._items.append(work_item)
+
+    async def process_all(self) -> BatchResult[TOutput, TContext]:
+        """Run every queued item through the ``run_batch`` flow; results are in ``add_work`` order."""
+        if self._state != "open":
+            raise RuntimeError("ParallelBatchProcessor.process_all() can run only once per instance")
+        self._state = "running"
+        self._started = time.monotonic()
+        try:
+            result = await run_batch(
+                self._items,
+                self.config,
+                self.post_processor,
+                error_classifier=self.error_classifier,
+                middlewares=self.middlewares,
+                observers=[self._stats, *self.observers],
+                progress_callback=self.progress_callback,
+            )
+        except BatchItemsFailed as failed:
+            self._result = failed.result
+            raise
+        finally:
+            self._state = "done"
+            self._finished = time.monotonic()
+        self._result = result
+        return result
+
+    async def get_stats(self) -> dict[str, Any]:
+        """Counts and tokens so far (live while ``process_all`` runs)."""
+        s, r = self._stats, self._result
+        end = self._finished if self._finished is not None else time.monotonic()
+        stats: dict[str, Any] = {
+            "total": len(self._items),
+            "started": s.started,
+            "processed": s.succeeded + s.failed,
+            "succeeded": s.succeeded,
+            "failed": s.failed,
+            "retries": s.retries,
+            "rate_limit_count": s.rate_limit_count,
+            "duration": (end - self._started) if self._started is not None else 0.0,
+        }
+        if r is not None:
+            stats.update(
+                total_input_tokens=r.total_input_tokens,
+                total_output_tokens=r.total_output_tokens,
+                total_cached_tokens=r.total_cached_tokens,
+                cache_hit_rate=r.cache_hit_rate(),
+                error_counts=r.error_categories(),
+                estimated_cost_usd=r.estimated_cost_usd,
+            )
+        return stats
+
+    async def __aenter__(self) -> ParallelBatchProcessor[TInput, TOutput, TContext]:
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
+        # Strategies are prepared and cleaned up inside the flow run, so nothing is left open here.
+        return False
+
+
+def _merge_legacy_config(
+    config: ProcessorConfig | None,
+    max_workers: int | None,
+    timeout_per_item: float | None,
+    rate_limit_cooldown: float | None,
+) -> ProcessorConfig:
+    """Fold the seed's deprecated keyword arguments into a ProcessorConfig; conflicts are errors."""
+    if config is not None and not isinstance(config, ProcessorConfig):
+        raise TypeError(f"config must be a ProcessorConfig, got {type(config).__name__}")
+    legacy = {"max_workers": max_workers, "timeout_per_item": timeout_per_item}
+    if config is None:
+        base = ProcessorConfig(**{k: v for k, v in legacy.items() if v is not None})
+    else:
+        for name, value in legacy.items():
+            if value is not None and value != getattr(config, name):
+                raise ValueError(
+                    f"ParallelBatchProcessor: {name}={value!r} conflicts with config.{name}="
+                    f"{getattr(config, name)!r}; set it in one place"
+                )
+        base = config
+    if rate_limit_cooldown is not None:
+        current = base.rate_limit.cooldown_seconds
+        if config is not None and rate_limit_cooldown != current:
+            raise ValueError(
+                f"ParallelBatchProcessor: rate_limit_cooldown={rate_limit_cooldown!r} conflicts with "
+                f"config.rate_limit.cooldown_seconds={current!r}; set it in one place"
+            )
+        from dataclasses import replace
+
+        base = replace(
+            base,
+            rate_limit=replace(
+                base.rate_limit,
+                cooldown_seconds=rate_limit_cooldown,
+                max_cooldown_seconds=max(base.rate_limit.max_cooldown_seconds, rate_limit_cooldown),
+            ),
+        )
+    return base

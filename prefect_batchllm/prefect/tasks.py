@@ -1,0 +1,299 @@
+"""The Prefect tasks of a batch run: prepare, process one item, summarize (reduce), cleanup.
+
+``process_item`` is one task run per item, named after the ``item_id``. Each Prefect run of it is one
+logical attempt (attempt number = Prefect's ``run_count``); retries are Prefect's, built from
+``RetryConfig`` and gated by an async ``retry_condition_fn`` that asks the error classifier. What must
+survive those retries (the item's ``RetryState``, billed tokens, counters) lives in an in-memory
+:class:`BatchRun` registry keyed by a per-flow-invocation id, never in task parameters.
+
+Successful item results are persisted under a key built from (item_id, sha256 of the prompt, strategy
+fingerprint) and *not* the flow-run id, so a retried or repeated run loads completed items instead of
+paying for them again; failed runs write no cache entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.context import TaskRunContext
+
+from prefect_batchllm.core.admission import Admission
+from prefect_batchllm.core.attempt import AttemptFailed, ItemLedger, run_attempt
+from prefect_batchllm.core.config import ProcessorConfig
+from prefect_batchllm.core.errors import ErrorCategory, ErrorClassifier, ErrorInfo, redact
+from prefect_batchllm.core.events import EventDispatcher, ProcessingEvent
+from prefect_batchllm.core.items import BatchResult, LLMWorkItem, WorkItemResult
+from prefect_batchllm.prefect.artifacts import publish_batch_artifacts
+from prefect_batchllm.strategies.base import LLMCallStrategy
+
+logger = logging.getLogger("prefect_batchllm")
+
+__all__ = [
+    "BatchRun",
+    "ItemCachePolicy",
+    "cleanup_strategy",
+    "configured_item_task",
+    "get_run",
+    "item_cache_key",
+    "prepare_strategy",
+    "process_item",
+    "summarize_batch",
+]
+
+#: Bumped when the persisted WorkItemResult shape changes, so old cache entries are not loaded.
+CACHE_VERSION = "batchllm-item-v1"
+#: Prefect accepts at most 50 explicit retry delays; a shorter list repeats its last value.
+_MAX_DELAYS = 50
+_JITTER_FACTOR = 0.5  # delays vary by +-50 %, like the seed's 50-100 % jitter
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-flow-run registry
+
+
+@dataclass
+class BatchRun:
+    """In-memory state of one batch flow invocation, shared by its tasks and its retries."""
+
+    config: ProcessorConfig
+    admission: Admission
+    classifier: ErrorClassifier
+    events: EventDispatcher
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    ledgers: dict[str, ItemLedger] = field(default_factory=dict)
+    prepare_errors: dict[int, str] = field(default_factory=dict)  # id(strategy) -> reason
+    prepared: set[int] = field(default_factory=set)
+    cleaned: set[int] = field(default_factory=set)
+
+    def ledger(self, item_id: str) -> ItemLedger:
+        ledger = self.ledgers.get(item_id)
+        if ledger is None:
+            ledger = self.ledgers[item_id] = ItemLedger(item_id)
+        return ledger
+
+
+_RUNS: dict[str, BatchRun] = {}
+
+
+def open_run(run: BatchRun) -> BatchRun:
+    """Register ``run`` so tasks given its key can find it."""
+    _RUNS[run.key] = run
+    return run
+
+
+def close_run(key: str) -> None:
+    _RUNS.pop(key, None)
+
+
+def get_run(key: str) -> BatchRun:
+    """The live :class:`BatchRun` for ``key`` (tasks of this module only run inside ``run_batch``)."""
+    try:
+        return _RUNS[key]
+    except KeyError:
+        raise RuntimeError(
+            f"no active batch run {key!r}: prefect_batchllm item tasks run only inside run_batch / "
+            "ParallelBatchProcessor, in the process that started the flow"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-run result cache key
+
+
+def _canonical(value: Any) -> Any:
+    """JSON-able, deterministic form of a prompt (text or multimodal parts)."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, bytes | bytearray):
+        return {"sha256": hashlib.sha256(bytes(value)).hexdigest()}
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return _canonical(dump(mode="json", exclude_none=True))
+    return repr(value)
+
+
+def prompt_sha256(prompt: Any) -> str:
+    """sha256 of a prompt; strings hash their UTF-8 bytes, content-part lists their canonical JSON."""
+    if isinstance(prompt, str):
+        data = prompt.encode()
+    else:
+        data = json.dumps(_canonical(prompt), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def item_cache_key(item: LLMWorkItem[Any, Any]) -> str:
+    """Cache key of an item's result: (item_id, prompt sha256, strategy fingerprint), no run id."""
+    raw = "|".join((CACHE_VERSION, item.item_id, prompt_sha256(item.prompt), item.strategy.fingerprint()))
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+@dataclass
+class ItemCachePolicy(CachePolicy):
+    """Prefect cache policy keyed by :func:`item_cache_key` (shared across flow runs)."""
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        item = inputs.get("item")
+        return item_cache_key(item) if isinstance(item, LLMWorkItem) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Tasks
+
+
+@task(name="prepare-strategy", task_run_name="prepare-{label}", cache_policy=NO_CACHE, persist_result=False)
+async def prepare_strategy(label: str, strategy: LLMCallStrategy[Any], run_key: str) -> None:
+    """Call ``strategy.prepare()`` once for this flow run (e.g. find or create a context cache)."""
+    run = get_run(run_key)
+    run.prepared.add(id(strategy))
+    await strategy.prepare()
+
+
+@task(name="cleanup-strategy", task_run_name="cleanup-{label}", cache_policy=NO_CACHE, persist_result=False)
+async def cleanup_strategy(label: str, strategy: LLMCallStrategy[Any], run_key: str) -> None:
+    """Call ``strategy.cleanup()`` once, after every item finished (caches are kept for later runs)."""
+    run = get_run(run_key)
+    run.cleaned.add(id(strategy))
+    await strategy.cleanup()
+
+
+async def _retry_if_retryable(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry only what the classifier called retryable.
+
+    Async on purpose: inside an async task a sync condition gets an un-awaited coroutine from
+    ``state.result()`` and never sees the exception. When the provider named a delay longer than the
+    planned back-off, wait out the difference here.
+    """
+    exc = await state.aresult(raise_on_failure=False)
+    if not isinstance(exc, AttemptFailed) or not exc.retryable:
+        return False
+    retry_after = exc.retry_after
+    if retry_after:
+        delays = task.retry_delay_seconds
+        done = max(0, int(getattr(task_run, "run_count", 1)) - 1)
+        if isinstance(delays, list | tuple) and delays:
+            planned = float(delays[min(done, len(delays) - 1)])
+        else:
+            planned = float(delays or 0)
+        planned *= 1.0 - float(task.retry_jitter_factor or 0.0)
+        if retry_after > planned:
+            await asyncio.sleep(retry_after - planned)
+    return True
+
+
+def _attempt_number() -> int:
+    ctx = TaskRunContext.get()
+    run_count = getattr(getattr(ctx, "task_run", None), "run_count", None)
+    return int(run_count) if run_count else 1
+
+
+@task(
+    name="process-item",
+    task_run_name="{item_id}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retry_condition_fn=_retry_if_retryable,
+)
+async def process_item(item_id: str, item: LLMWorkItem[Any, Any], run_key: str) -> WorkItemResult[Any, Any]:
+    """One attempt of one item (Prefect retries re-enter here with the next attempt number).
+
+    Returns the successful :class:`WorkItemResult` (without ``context``, which is re-attached in the
+    flow, so user context is never persisted); raises :class:`AttemptFailed` otherwise.
+    """
+    run = get_run(run_key)
+    ledger = run.ledger(item_id)
+    attempt = _attempt_number()
+    prepare_error = run.prepare_errors.get(id(item.strategy))
+    if prepare_error is not None:
+        ledger.attempts = max(ledger.attempts, 1)
+        info = ErrorInfo(ErrorCategory.FATAL, False, reason=prepare_error)
+        failure = AttemptFailed(item_id, attempt, info, f"strategy prepare() failed: {prepare_error}")
+        ledger.last_error = failure
+        raise failure
+
+    async def on_rate_limit(info: ErrorInfo) -> None:
+        await run.events.emit(
+            ProcessingEvent.RATE_LIMIT_HIT,
+            {"item_id": item_id, "attempt": attempt, "retry_after": info.retry_after, "error": info.reason},
+        )
+
+    try:
+        success = await run_attempt(
+            item.strategy,
+            item.prompt,
+            attempt,
+            ledger,
+            config=run.config,
+            admission=run.admission,
+            classifier=run.classifier,
+            on_rate_limit=on_rate_limit,
+        )
+    except AttemptFailed as failure:
+        if failure.retryable and attempt < run.config.retry.max_attempts:
+            await run.events.emit(
+                ProcessingEvent.ITEM_RETRYING,
+                {"item_id": item_id, "attempt": attempt, "error": str(failure), "category": failure.category},
+            )
+        else:
+            ledger.finished_at = time.monotonic()
+        # Quiet failures: the UI and logs get our one-line classified reason, not the provider traceback.
+        raise failure.with_traceback(None) from None
+    ledger.finished_at = time.monotonic()
+    return WorkItemResult(
+        item_id=item_id,
+        success=True,
+        output=success.output,
+        token_usage=ledger.token_usage,
+        gemini_safety_ratings=ledger.safety_ratings or success.safety_ratings,
+        attempts=ledger.attempts,
+        duration_s=ledger.duration_s,
+        model=item.strategy.model_name,
+        metadata=dict(success.metadata),
+    )
+
+
+def configured_item_task(config: ProcessorConfig) -> Any:
+    """``process_item`` with this config's retries, back-off, jitter and result persistence."""
+    retries = config.retry.max_attempts - 1
+    delays = config.retry.delays()[:_MAX_DELAYS]
+    cache = config.persist_results and not config.dry_run
+    return process_item.with_options(
+        retries=retries,
+        retry_delay_seconds=delays if retries and any(delays) else 0,
+        retry_jitter_factor=_JITTER_FACTOR if config.retry.jitter and retries else None,
+        cache_policy=ItemCachePolicy() if cache else NO_CACHE,
+        persist_result=cache,
+    )
+
+
+@task(name="summarize-batch", cache_policy=NO_CACHE, persist_result=False)
+async def summarize_batch(
+    results: list[WorkItemResult[Any, Any]], wall_time_s: float, artifact_prefix: str
+) -> BatchResult[Any, Any]:
+    """Reduce: build the :class:`BatchResult` from in-process results and publish its artifacts."""
+    batch: BatchResult[Any, Any] = BatchResult(results=list(results), wall_time_s=wall_time_s)
+    await publish_batch_artifacts(batch, artifact_prefix)
+    return batch
+
+
+def safe_reason(exc: BaseException) -> str:
+    """One-line, secret-free description of an unexpected exception."""
+    return redact(f"{type(exc).__name__}: {exc}")[:300]

@@ -1,0 +1,142 @@
+"""BatchResult artifacts: rendering, key rules, and what the Prefect API holds after a real run."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+from prefect_batchllm import BatchResult, LLMWorkItem, ProcessorConfig, RetryConfig, WorkItemResult, run_batch
+from prefect_batchllm.prefect.artifacts import (
+    artifact_keys,
+    failed_items_table,
+    slugify_key,
+    summary_markdown,
+)
+from prefect_batchllm.strategies.base import LLMCallStrategy, RetryState
+
+
+class Echo(LLMCallStrategy[str]):
+    """Answers with the prompt; items whose prompt contains 'FAIL' fail fatally."""
+
+    model = type("M", (), {"model": "gemini-2.5-flash"})()
+
+    async def execute(
+        self, prompt: Any, attempt: int, timeout: float, state: RetryState | None = None
+    ) -> Any:
+        if "FAIL" in prompt:
+            raise ValueError("unusable record")
+        return prompt, {"input_tokens": 1000, "output_tokens": 100, "cached_input_tokens": 500}
+
+
+def _batch() -> BatchResult[Any, Any]:
+    usage = {"input_tokens": 1_000_000, "output_tokens": 100_000, "cached_input_tokens": 250_000}
+    return BatchResult(
+        results=[
+            WorkItemResult("a", True, "x", token_usage=usage, attempts=1, model="gemini-2.5-flash"),
+            WorkItemResult("b", False, error="HTTP 400: bad", error_category="fatal", attempts=1),
+            WorkItemResult("c", False, error="blocked: SAFETY", error_category="blocked", attempts=1),
+            WorkItemResult("d", False, error="HTTP 400: again", error_category="fatal", attempts=1),
+        ],
+        wall_time_s=2.0,
+    )
+
+
+def test_summary_markdown_has_the_numbers() -> None:
+    text = summary_markdown(_batch(), "Books")
+    for line in (
+        "# Books",
+        "| items | 4 |",
+        "| succeeded | 1 |",
+        "| failed | 3 |",
+        "| input tokens | 1,000,000 |",
+        "| cached input tokens | 250,000 |",
+        "| cache hit rate | 25.0 % |",
+        "| wall time | 2.00 s |",
+        "| throughput | 2.00 items/s |",
+        "| fatal | 2 |",
+        "| blocked | 1 |",
+    ):
+        assert line in text, line
+    # 750k uncached * 0.30 + 250k cached * 0.03 + 100k out * 2.50, per 1M tokens
+    assert "| estimated cost | $0.4825 |" in text
+    assert text.index("| fatal | 2 |") < text.index("| blocked | 1 |")
+
+
+def test_failed_items_table_in_input_order_and_capped() -> None:
+    table = failed_items_table(_batch())
+    assert table == {
+        "item_id": ["b", "c", "d"],
+        "category": ["fatal", "blocked", "fatal"],
+        "message": ["HTTP 400: bad", "blocked: SAFETY", "HTTP 400: again"],
+        "attempts": [1, 1, 1],
+    }
+    assert failed_items_table(_batch(), max_rows=1)["item_id"] == ["b"]
+
+
+def test_keys_are_valid_prefect_artifact_keys() -> None:
+    assert slugify_key("Enrich Books / Nightly_v2") == "enrich-books-nightly-v2"
+    assert slugify_key("___") == "run-batch"
+    assert artifact_keys("books") == {
+        "summary": "books-summary",
+        "failed": "books-failed-items",
+        "progress": "books-progress",
+    }
+    with pytest.raises(ValueError):
+        artifact_keys("Books_2")
+
+
+async def _latest(key: str) -> Any:
+    async with get_client() as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), limit=50
+        )
+    assert found, f"no artifact {key!r}"
+    return max(found, key=lambda a: a.updated or a.created)
+
+
+@pytest.mark.usefixtures("prefect_api")
+async def test_run_publishes_summary_failed_table_and_progress() -> None:
+    tag = uuid.uuid4().hex[:8]
+    prefix = f"art-{tag}"
+    items = [
+        LLMWorkItem(f"row-{i}", Echo(), f"[row-{i}] {tag}" + (" FAIL" if i in (2, 5) else ""))
+        for i in range(7)
+    ]
+    config = ProcessorConfig(artifact_key=prefix, progress_interval=2, retry=RetryConfig(max_attempts=2))
+    result = await run_batch(items, config)
+    assert result.failed == 2
+
+    summary = await _latest(f"{prefix}-summary")
+    assert summary.type == "markdown"
+    assert "| succeeded | 5 |" in summary.data and "| failed | 2 |" in summary.data
+    assert "| cache hit rate | 50.0 % |" in summary.data and "| fatal | 2 |" in summary.data
+
+    table = await _latest(f"{prefix}-failed-items")
+    assert table.type == "table"
+    rows = table.data if isinstance(table.data, str) else str(table.data)
+    assert "row-2" in rows and "row-5" in rows and "row-0" not in rows
+    assert "unusable record" in rows and "fatal" in rows
+
+    progress = await _latest(f"{prefix}-progress")
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    assert progress.flow_run_id == summary.flow_run_id  # all attached to this batch's flow run
+
+
+@pytest.mark.usefixtures("prefect_api")
+async def test_default_prefix_is_the_calling_flows_name() -> None:
+    tag = uuid.uuid4().hex[:8]
+
+    @flow(name=f"Enrich Books {tag}")
+    async def enrich() -> BatchResult[Any, Any]:
+        return await run_batch([LLMWorkItem("one", Echo(), f"[one] {tag}")], ProcessorConfig())
+
+    await enrich()
+    summary = await _latest(f"enrich-books-{tag}-summary")
+    assert "| succeeded | 1 |" in summary.data
+    await _latest(f"enrich-books-{tag}-failed-items")
+    await _latest(f"enrich-books-{tag}-progress")
