@@ -408,7 +408,13 @@ def redact(text: str) -> str:
 
 def _short(exc: BaseException, limit: int = 300) -> str:
     """One-line exception summary for results and UI (bounded, no tracebacks, no secrets)."""
-    text = redact(" ".join(str(exc).split())) or type(exc).__name__
+    code, status, message = (getattr(exc, a, None) for a in ("code", "status", "message"))
+    if isinstance(code, int) and isinstance(message, str) and message:
+        # google-genai's str() dumps the whole error body; its parts read better.
+        raw = f"{code} {status}: {message}" if isinstance(status, str) and status else f"{code}: {message}"
+    else:
+        raw = str(exc)
+    text = redact(" ".join(raw.split())) or type(exc).__name__
     if not text.startswith(type(exc).__name__):
         text = f"{type(exc).__name__}: {text}"
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,1 @@
+"""Deployable flows: the demo, table enrichment and rerun of failed items (see prefect.yaml)."""
