@@ -1,0 +1,203 @@
+"""Deployable table enrichment: read a Parquet/CSV table, add LLM columns to every row, write it atomically.
+
+Parameters are paths and names, never the data (Prefect caps flow parameters at 512 KiB): ``input_path``
+and ``output_path`` are local paths or fsspec URLs, ``model_block`` names a saved
+``GeminiCachedModelBlock``, the prompt is a ``str.format`` template over column names given inline or as
+``prompt_template_path``.
+
+Reruns cost nothing for finished rows: every row's result is persisted under (row id, prompt, model
+fingerprint), so the UI's Retry of a failed run, a new scheduled run over a grown table, and the
+``rerun-failed`` flow request only rows that have not succeeded yet. With ``fail_on_item_failure`` (the
+default) a run with failed rows writes the complete output file and its artifacts, then ends Failed so the
+UI offers Retry; the ids of the failed rows are kept as the ``<key>-failed-rows`` table artifact, which is
+what ``rerun-failed`` reads.
+
+Run locally: ``python -m flows.enrich_table --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+import pandas as pd
+from prefect import flow, runtime
+from prefect.artifacts import create_table_artifact
+from prefect.logging import get_run_logger
+
+from prefect_batchllm import ProcessorConfig, RateLimitConfig, RetryConfig
+from prefect_batchllm.core.items import BatchResult
+from prefect_batchllm.dataframe import enrich_frame, output_model, read_table, row_ids, write_table
+from prefect_batchllm.prefect.artifacts import slugify_key
+
+__all__ = [
+    "RowsFailed",
+    "enrich_table",
+    "failed_rows_key",
+    "load_prompt_template",
+    "table_config",
+]
+
+logger = logging.getLogger("prefect_batchllm")
+
+
+class RowsFailed(Exception):
+    """Rows failed; the output file and artifacts are written. Ends the flow run Failed (UI: Retry)."""
+
+
+def load_prompt_template(prompt_template: str | None, prompt_template_path: str | None) -> str:
+    """The template given inline, or read from a local path / fsspec URL (exactly one of the two)."""
+    if (prompt_template is None) == (prompt_template_path is None):
+        raise ValueError("give exactly one of prompt_template or prompt_template_path")
+    if prompt_template is not None:
+        return prompt_template
+    import fsspec
+
+    with fsspec.open(prompt_template_path, "r", encoding="utf-8") as handle:
+        return str(handle.read())
+
+
+def table_config(
+    *,
+    max_workers: int,
+    requests_per_minute: float | None,
+    tokens_per_minute: int | None,
+    max_attempts: int,
+    fail_on_item_failure: bool,
+    artifact_key: str | None,
+) -> ProcessorConfig:
+    """The batch settings of a table job (results are always persisted: that is what makes reruns cheap)."""
+    return ProcessorConfig(
+        max_workers=max_workers,
+        retry=RetryConfig(max_attempts=max_attempts),
+        rate_limit=RateLimitConfig(
+            requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute
+        ),
+        fail_on_item_failure=fail_on_item_failure,
+        persist_results=True,
+        artifact_key=artifact_key,
+    )
+
+
+def job_key(default: str) -> str:
+    """Artifact key prefix of this run: ``<flow>-<deployment>`` for deployment runs, else ``default``."""
+    deployment = runtime.deployment.name
+    flow_name = runtime.flow_run.flow_name or default
+    return slugify_key(f"{flow_name}-{deployment}" if deployment else flow_name, default)
+
+
+def failed_rows_key(prefix: str) -> str:
+    """Key of the artifact that lists every failed row id of a run (read by ``rerun-failed``)."""
+    return f"{prefix}-failed-rows"
+
+
+def publish_failed_rows(frame: pd.DataFrame, ids: list[str], prefix: str) -> None:
+    """Record the ids of all failed rows of this run (no cap: ``rerun-failed`` needs every one)."""
+    failed = ~frame["success"].to_numpy()
+    categories = frame["error_category"].tolist()
+    table = {
+        "item_id": [item_id for item_id, bad in zip(ids, failed, strict=True) if bad],
+        "category": [str(cat) for cat, bad in zip(categories, failed, strict=True) if bad],
+    }
+    create_table_artifact(
+        table,
+        key=failed_rows_key(prefix),
+        description=(
+            f"{len(table['item_id'])} failed row id(s) of this run; `rerun-failed` re-runs exactly these"
+        ),
+    )
+
+
+def summarize(frame: pd.DataFrame, result: BatchResult[Any, Any] | None, output_path: str) -> dict[str, Any]:
+    """The flow's small return value: counts and where the table went."""
+    summary = dict(frame.attrs.get("batchllm", {}))
+    summary["output_path"] = output_path
+    if result is not None:
+        summary["estimated_cost_usd"] = round(result.estimated_cost_usd, 6)
+    return summary
+
+
+@flow(name="enrich-table", log_prints=False, persist_result=False)
+def enrich_table(
+    input_path: str,
+    output_path: str,
+    prompt_template: str | None = None,
+    prompt_template_path: str | None = None,
+    model_block: str = "batchllm-table-model",
+    id_column: str | None = None,
+    output_schema: dict[str, str] | str | None = None,
+    requests_per_minute: float | None = None,
+    tokens_per_minute: int | None = None,
+    max_workers: int = 8,
+    max_attempts: int = 3,
+    fail_on_item_failure: bool = True,
+) -> dict[str, Any]:
+    """Add LLM output columns to every row of ``input_path`` and write the table to ``output_path``.
+
+    ``output_schema`` is ``{"field": "type", ...}`` (str, int, float, bool, date, datetime, list[str]...)
+    or ``"package.module:Model"`` for a pydantic model (one column per field); ``None`` adds a text
+    ``output`` column. Rows are identified by ``id_column`` (or the row index), which is what lets a later
+    run skip rows that already succeeded.
+    """
+    log = get_run_logger()
+    template = load_prompt_template(prompt_template, prompt_template_path)
+    output_type = output_model(output_schema)
+    prefix = job_key("enrich-table")
+    config = table_config(
+        max_workers=max_workers,
+        requests_per_minute=requests_per_minute,
+        tokens_per_minute=tokens_per_minute,
+        max_attempts=max_attempts,
+        fail_on_item_failure=fail_on_item_failure,
+        artifact_key=prefix,
+    )
+    df = read_table(input_path)
+    frame, result = enrich_frame(
+        df, template, id_column=id_column, config=config, model_block=model_block, output_type=output_type
+    )
+    write_table(frame, output_path)
+    publish_failed_rows(frame, row_ids(frame, id_column), prefix)
+    summary = summarize(frame, result, output_path)
+    log.info("enrich-table: %s", json.dumps(summary))
+    if fail_on_item_failure and summary.get("failed"):
+        raise RowsFailed(
+            f"{summary['failed']}/{summary['rows']} rows failed; the complete table is at {output_path}. "
+            "Retry this run or run rerun-failed to re-request only the failed rows."
+        )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.enrich_table IN OUT --template '...' --model-block NAME``: one local run."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("input_path")
+    parser.add_argument("output_path")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--template", dest="prompt_template")
+    group.add_argument("--template-path", dest="prompt_template_path")
+    parser.add_argument("--model-block", default="batchllm-table-model")
+    parser.add_argument("--id-column")
+    parser.add_argument("--output-schema", help='JSON object {"field": "type"} or "module:Model"')
+    parser.add_argument("--requests-per-minute", type=float)
+    parser.add_argument("--tokens-per-minute", type=int)
+    parser.add_argument("--max-workers", type=int, default=8)
+    parser.add_argument("--max-attempts", type=int, default=3)
+    parser.add_argument("--no-fail", dest="fail_on_item_failure", action="store_false")
+    args = vars(parser.parse_args(argv))
+    schema = args.pop("output_schema")
+    if schema is not None and schema.lstrip().startswith("{"):
+        schema = json.loads(schema)
+    try:
+        summary = enrich_table(**args, output_schema=schema)
+    except RowsFailed as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
