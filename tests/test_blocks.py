@@ -117,3 +117,20 @@ def test_prefect_block_register_finds_both_block_types(prefect_api: str) -> None
         return {t.slug for t in types}
 
     assert {"gemini-credentials", "gemini-cached-model"} <= asyncio.run(slugs())
+
+
+def test_model_from_plain_code_works_in_separate_event_loops(emulator: Any) -> None:
+    """get_model() hands the model a client *factory*: each asyncio.run gets its own loop-bound client."""
+    credentials = GeminiCredentials(api_key=KEY, base_url=emulator.base_url, api_version="v1beta")
+    block = GeminiCachedModelBlock(credentials=credentials, cached_contents=["the shared document"])
+    model = block.get_model()  # plain code, no loop running
+
+    async def generate(i: int) -> str:
+        response = await model.generate(f"[loop-{i}] hello")
+        return response.text
+
+    texts = [asyncio.run(generate(i)) for i in range(3)]
+    assert all(f"[loop-{i}]" in text for i, text in enumerate(texts)), texts
+    generated = emulator.requests_for("generateContent")
+    assert [q.status for q in generated] == [200, 200, 200]
+    assert emulator.count("cachedContents.create") == 1  # one cache, shared by the three loops

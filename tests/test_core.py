@@ -61,7 +61,8 @@ def test_config_defaults_match_seed() -> None:
         ({"progress_interval": 0}, "progress_interval"),
         ({"max_requests_per_minute": 0}, "max_requests_per_minute"),
         ({"artifact_key": "Bad_Key"}, "artifact_key"),
-        ({"execution": "threads"}, "execution"),
+        ({"cache_expiration_s": 0}, "cache_expiration_s"),
+        ({"result_storage": "no-slash"}, "result_storage"),
     ],
 )
 def test_processor_config_rejects_bad_values_naming_the_field(kwargs: dict, field: str) -> None:
@@ -80,6 +81,13 @@ def test_unknown_config_field_names_it_and_suggests() -> None:
         ProcessorConfig(max_worker=3)
     with pytest.raises(TypeError, match="max_attempt"):
         RetryConfig(max_attempt=2)
+
+
+def test_execution_and_chunk_size_are_not_settings() -> None:
+    """No chunked mode exists, so there is no setting pretending to select it."""
+    for name in ("execution", "chunk_size"):
+        with pytest.raises(TypeError, match=f"unknown config field {name!r}"):
+            ProcessorConfig(**{name: 1})
 
 
 def test_conflicting_rpm_settings_are_an_error() -> None:
@@ -270,7 +278,7 @@ async def test_user_hooks_fail_open_with_timeout() -> None:
         (ProcessorConfig, {"max_workers": 2.0}, "ProcessorConfig.max_workers"),
         (ProcessorConfig, {"progress_interval": 2.5}, "ProcessorConfig.progress_interval"),
         (ProcessorConfig, {"max_queue_size": 1.5}, "ProcessorConfig.max_queue_size"),
-        (ProcessorConfig, {"chunk_size": "50"}, "ProcessorConfig.chunk_size"),
+        (ProcessorConfig, {"cache_expiration_s": "50"}, "ProcessorConfig.cache_expiration_s"),
         (ProcessorConfig, {"max_requests_per_minute": "60"}, "ProcessorConfig.max_requests_per_minute"),
         (ProcessorConfig, {"progress_callback_timeout": "5"}, "ProcessorConfig.progress_callback_timeout"),
         (RetryConfig, {"initial_wait": "1"}, "RetryConfig.initial_wait"),
@@ -368,3 +376,55 @@ def test_seed_keywords_are_exclusive_with_strategy() -> None:
         LLMWorkItem("a", Echo(), "p", direct_call=direct)
     item = LLMWorkItem("a", direct_call=direct, input_data={"row": 1})
     assert item.prompt == "a" and item.strategy.fingerprint()  # prompt defaults to the id for direct calls
+
+
+# -- legacy keywords: input_data identity, no strategy leak --------------------------------------------
+
+
+def test_direct_call_input_data_is_part_of_the_fingerprint() -> None:
+    async def call(data, attempt, timeout):
+        return data, {}
+
+    one = LLMWorkItem("same-id", direct_call=call, input_data={"n": 1})
+    two = LLMWorkItem("same-id", direct_call=call, input_data={"n": 2})
+    again = LLMWorkItem("same-id", direct_call=call, input_data={"n": 1})
+    assert one.prompt == two.prompt == "same-id"  # the prompt alone cannot tell them apart
+    assert one.strategy.fingerprint() != two.strategy.fingerprint()
+    assert one.strategy.fingerprint() == again.strategy.fingerprint()
+
+
+def test_agent_strategies_are_shared_per_agent_and_not_leaked() -> None:
+    import gc
+
+    from pydantic_ai import Agent
+    from pydantic_ai.models.test import TestModel
+
+    from prefect_batchllm.core import items as items_module
+
+    agent = Agent(TestModel())
+    a = LLMWorkItem("a", agent=agent, prompt="hi")
+    b = LLMWorkItem("b", agent=agent, prompt="ho")
+    assert a.strategy is b.strategy  # one strategy per agent: prepared once
+    other = LLMWorkItem("c", agent=Agent(TestModel()), prompt="hey")
+    assert other.strategy is not a.strategy
+    before = len(items_module._AGENT_STRATEGIES)
+    del a, b, other, agent
+    gc.collect()
+    assert len(items_module._AGENT_STRATEGIES) <= before - 2  # nothing kept once the items are gone
+
+
+def test_item_task_gets_refresh_expiration_and_storage_options() -> None:
+    from datetime import timedelta
+
+    from prefect_batchllm.prefect.tasks import configured_item_task
+
+    task = configured_item_task(
+        ProcessorConfig(refresh_cache=True, cache_expiration_s=90, result_storage="local-file-system/results")
+    )
+    assert task.refresh_cache is True
+    assert task.cache_expiration == timedelta(seconds=90)
+    assert task.result_storage == "local-file-system/results"
+    default = configured_item_task(ProcessorConfig())
+    assert (
+        default.refresh_cache is False and default.cache_expiration is None and default.result_storage is None
+    )

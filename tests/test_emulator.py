@@ -444,13 +444,11 @@ async def test_fault_hang_times_out_without_blocking_others(
     )
     fast_client = emu.client()
     try:
-        started = time.monotonic()
         slow = asyncio.create_task(generate(slow_client, "[slow] item"))
         fast = await asyncio.gather(*(generate(fast_client, f"fast {i}") for i in range(5)))
-        assert all(r.text for r in fast) and time.monotonic() - started < 1.0
+        assert all(r.text for r in fast) and not slow.done()  # the hung request blocks nobody
         with pytest.raises(timeout_exc):
             await slow
-        assert time.monotonic() - started < 2
     finally:
         await slow_client.aio.aclose()
         await fast_client.aio.aclose()
@@ -632,11 +630,8 @@ async def test_pydantic_ai_tool_and_native_output(emu: GeminiEmulator) -> None:
 
 async def test_concurrent_slow_requests_do_not_serialise(emu: GeminiEmulator, client: genai.Client) -> None:
     emu.latency = 0.2
-    started = time.monotonic()
     results = await asyncio.gather(*(generate(client, f"[c-{i}]") for i in range(50)))
-    elapsed = time.monotonic() - started
     assert all(r.text for r in results)
-    assert elapsed < 2.5, elapsed
     assert emu.max_in_window(0.2) > 10  # they really overlapped on the server
 
 
@@ -659,9 +654,8 @@ async def test_stop_does_not_wait_for_hanging_requests() -> None:
                 break
             await asyncio.sleep(0.01)
         assert emu.in_flight == 1
-        started = time.monotonic()
-        await asyncio.to_thread(emu.stop)
-        assert time.monotonic() - started < 1.5
+        # The hang lasts 60 s; a stop() that waited for it would blow this generous bound.
+        await asyncio.wait_for(asyncio.to_thread(emu.stop), 30)
         with pytest.raises(TRANSPORT_ERRORS):
             await asyncio.wait_for(task, 5)
     finally:

@@ -6,6 +6,7 @@ Every test tags its prompts with a fresh uuid so persisted results of one test a
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import uuid
 from typing import Any
@@ -88,6 +89,11 @@ class Counting(LLMCallStrategy[str]):
             return prompt.upper(), {"input_tokens": 10, "output_tokens": 5}
         finally:
             self.in_flight -= 1
+
+    def fingerprint(self) -> str:
+        # A test double: ``fail`` / ``flaky`` are injected faults and the counters are public for
+        # assertions, so neither is "what it computes" (the default fingerprint would hash them).
+        return "counting-v1"
 
     def attempts_by_item(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
@@ -679,3 +685,331 @@ def test_items_may_be_a_generator() -> None:
         ProcessorConfig(persist_results=False),
     )
     assert [r.item_id for r in result.results] == ["g-0", "g-1", "g-2"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Review fixes: stale replays, per-item strategies, hooks, robustness, progress, retry timing
+
+
+async def test_changed_input_data_reexecutes_and_same_inputs_replay() -> None:
+    tag = _tag()
+    # A deque, not a list: closure values with a stable repr (lists, dicts...) are part of the callable's
+    # identity, so a growing call log would (correctly) change the fingerprint on every run.
+    calls: collections.deque[Any] = collections.deque()
+
+    async def call(data: dict[str, Any], attempt: int, timeout: float) -> tuple[str, dict[str, int]]:
+        calls.append(data["n"])
+        return f"{tag}-answer-{data['n']}", {"input_tokens": 3, "output_tokens": 1}
+
+    def items(n: int) -> list[LLMWorkItem[Any, Any]]:
+        return [LLMWorkItem(f"d-{tag}", direct_call=call, input_data={"n": n})]
+
+    first = await run_batch(items(1))
+    second = await run_batch(items(2))  # same item_id and prompt, different input_data
+    assert second.results[0].output == f"{tag}-answer-2" and not second.results[0].replayed
+    third = await run_batch(items(2))  # a fresh run with the same inputs still replays
+    assert third.results[0].replayed and third.results[0].output == f"{tag}-answer-2"
+    assert first.results[0].output == f"{tag}-answer-1"
+    assert list(calls) == [1, 2]
+    fourth = await run_batch(items(2), ProcessorConfig(refresh_cache=True))
+    assert not fourth.results[0].replayed and list(calls) == [1, 2, 2]  # refresh_cache re-executes
+    fifth = await run_batch(items(2))
+    assert fifth.results[0].replayed and list(calls) == [1, 2, 2]  # and the refreshed result is stored
+
+
+async def test_changed_lambda_parser_reexecutes(emulator: Any) -> None:
+    tag = _tag()
+    model = GeminiModel("gemini-2.5-flash", emulator.client())
+    items_a = _items(GeminiStrategy(model, response_parser=lambda r: r.text), 2, tag)
+    run_a = await run_batch(items_a)
+    items_b = _items(GeminiStrategy(model, response_parser=lambda r: r.text.upper()), 2, tag)
+    run_b = await run_batch(items_b)
+    assert not any(r.replayed for r in run_b.results)
+    assert [r.output for r in run_b.results] == [r.output.upper() for r in run_a.results]
+    items_c = _items(GeminiStrategy(model, response_parser=lambda r: r.text.upper()), 2, tag)
+    run_c = await run_batch(items_c)  # same parser code in a fresh strategy: replayed
+    assert all(r.replayed for r in run_c.results)
+    assert emulator.count("generateContent") == 4
+
+
+async def test_custom_strategy_constructor_args_are_part_of_the_fingerprint() -> None:
+    class Suffix(LLMCallStrategy[str]):
+        def __init__(self, suffix: str) -> None:
+            self.suffix = suffix
+
+        async def execute(self, prompt: Any, attempt: int, timeout: float, state: Any = None) -> Any:
+            return prompt + self.suffix, {"input_tokens": 1}
+
+    tag = _tag()
+    first = await run_batch(_items(Suffix("!"), 1, tag))
+    second = await run_batch(_items(Suffix("?"), 1, tag))
+    assert first.results[0].output.endswith("!") and second.results[0].output.endswith("?")
+    assert not second.results[0].replayed
+    assert (await run_batch(_items(Suffix("?"), 1, tag))).results[0].replayed
+
+
+async def test_post_processor_runs_for_replayed_successes() -> None:
+    tag = _tag()
+    seen: list[tuple[str, bool]] = []
+    fail_first = {"item-001"}
+
+    async def post(result: WorkItemResult[Any, Any]) -> None:
+        seen.append((result.item_id, result.replayed))
+        if result.item_id in fail_first:
+            fail_first.clear()
+            raise RuntimeError("db down")
+
+    run1 = await run_batch(_items(Counting(), 2, tag), None, post)
+    assert run1.by_id()["item-001"].post_processor_error
+    run2 = await run_batch(_items(Counting(), 2, tag), None, post)
+    assert all(r.replayed for r in run2.results)
+    assert sorted(seen) == [("item-000", False), ("item-000", True), ("item-001", False), ("item-001", True)]
+    assert run2.by_id()["item-001"].post_processor_error is None  # the lost write happened now
+
+
+async def test_middleware_on_error_gets_the_original_exception_with_its_cause() -> None:
+    seen: list[BaseException] = []
+
+    class Broken(Counting):
+        async def execute(self, prompt: Any, attempt: int, timeout: float, state: Any = None) -> Any:
+            try:
+                raise KeyError("missing field")
+            except KeyError as exc:
+                raise ValueError("bad record") from exc
+
+    class Spy(Middleware):
+        async def on_error(self, item: Any, error: Exception) -> None:
+            seen.append(error)
+
+    tag = _tag()
+    result = await run_batch(
+        _items(Broken(), 1, tag), ProcessorConfig(persist_results=False), middlewares=[Spy()]
+    )
+    assert result.failed == 1 and result.results[0].error_category == "fatal"
+    assert len(seen) == 1 and isinstance(seen[0], ValueError)
+    assert isinstance(seen[0].__cause__, KeyError) and seen[0].__traceback__ is not None
+
+
+async def test_unexpected_error_outside_the_task_fails_only_that_item() -> None:
+    class BadName(Counting):
+        @property
+        def model_name(self) -> str | None:
+            raise RuntimeError("model_name exploded")
+
+        def fingerprint(self) -> str:
+            return "bad-name"
+
+    tag = _tag()
+    good = Counting()
+    items = [*_items(BadName(), 3, tag), LLMWorkItem("fine", good, f"[fine] {tag}")]
+    result = await run_batch(items, ProcessorConfig(persist_results=False, retry=FAST_RETRY))
+    assert [r.item_id for r in result.results] == [i.item_id for i in items]  # each exactly once
+    assert [r.success for r in result.results] == [False, False, False, True]
+    assert {r.error_category for r in result.failed_items()} == {"unknown"}
+    assert all("model_name exploded" in (r.error or "") for r in result.failed_items())
+
+
+async def test_unpicklable_persisted_result_becomes_a_failed_item(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect_batchllm.prefect import flows as flows_module
+
+    original = flows_module._result_from_state
+
+    async def broken(state: Any, item: Any, run: Any) -> Any:
+        if item.item_id == "item-001":
+            raise ModuleNotFoundError("No module named 'renamed_module'")
+        return await original(state, item, run)
+
+    monkeypatch.setattr(flows_module, "_result_from_state", broken)
+    result = await run_batch(_items(Counting(), 3, _tag()), ProcessorConfig(persist_results=False))
+    assert [r.success for r in result.results] == [True, False, True]
+    failed = result.by_id()["item-001"]
+    assert failed.error_category == "unknown" and "renamed_module" in (failed.error or "")
+
+
+async def test_prepare_runs_before_the_first_execute() -> None:
+    log: list[str] = []
+
+    class Logged(Counting):
+        async def prepare(self) -> None:
+            log.append("prepare-start")
+            await asyncio.sleep(0.2)
+            log.append("prepare-end")
+
+        async def execute(self, prompt: Any, attempt: int, timeout: float, state: Any = None) -> Any:
+            log.append("execute")
+            return await super().execute(prompt, attempt, timeout, state)
+
+        async def cleanup(self) -> None:
+            log.append("cleanup")
+
+    await run_batch(_items(Logged(), 4, _tag()), ProcessorConfig(max_workers=4, persist_results=False))
+    assert log == ["prepare-start", "prepare-end", *["execute"] * 4, "cleanup"]
+
+
+async def test_strategy_swapped_in_by_middleware_is_prepared_once_and_cleaned_up() -> None:
+    log: list[str] = []
+
+    class Ordered(Counting):
+        async def prepare(self) -> None:
+            await asyncio.sleep(0.1)
+            log.append("prepare")
+            await super().prepare()
+
+        async def execute(self, prompt: Any, attempt: int, timeout: float, state: Any = None) -> Any:
+            log.append("execute")
+            return await super().execute(prompt, attempt, timeout, state)
+
+    swapped = Ordered()
+
+    class Swap(Middleware):
+        async def before_process(self, item: LLMWorkItem[Any, Any]) -> LLMWorkItem[Any, Any]:
+            return LLMWorkItem(item.item_id, swapped, item.prompt, item.context)
+
+    original = Counting()
+    result = await run_batch(
+        _items(original, 6, _tag()),
+        ProcessorConfig(max_workers=6, persist_results=False),
+        middlewares=[Swap()],
+    )
+    assert result.succeeded == 6
+    assert (swapped.prepares, swapped.cleanups) == (1, 1)
+    assert log == ["prepare", *["execute"] * 6]
+    assert original.executes == [] and (original.prepares, original.cleanups) == (1, 1)
+
+
+async def test_per_item_strategies_skip_noop_lifecycle_tasks_and_bound_prepares(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prefect_batchllm.prefect import flows as flows_module
+
+    task_calls: list[str] = []
+    real_prepare, real_cleanup = flows_module.prepare_strategy, flows_module.cleanup_strategy
+
+    async def spy_prepare(*args: Any, **kwargs: Any) -> Any:
+        task_calls.append("prepare")
+        return await real_prepare(*args, **kwargs)
+
+    async def spy_cleanup(*args: Any, **kwargs: Any) -> Any:
+        task_calls.append("cleanup")
+        return await real_cleanup(*args, **kwargs)
+
+    monkeypatch.setattr(flows_module, "prepare_strategy", spy_prepare)
+    monkeypatch.setattr(flows_module, "cleanup_strategy", spy_cleanup)
+
+    async def call(data: int, attempt: int, timeout: float) -> tuple[int, dict[str, int]]:
+        return data * 2, {"input_tokens": 1}
+
+    items = [LLMWorkItem(f"n-{i}", direct_call=call, input_data=i) for i in range(20)]
+    result = await run_batch(items, ProcessorConfig(max_workers=4, persist_results=False))
+    assert result.succeeded == 20 and task_calls == []  # 20 strategies, no no-op lifecycle tasks
+
+    in_flight = peak = 0
+
+    class Slow(Counting):
+        async def prepare(self) -> None:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await asyncio.sleep(0.05)
+            in_flight -= 1
+            await super().prepare()
+
+    strategies = [Slow() for _ in range(8)]
+    tag = _tag()
+    items = [LLMWorkItem(f"s-{i}", s, f"[s-{i}] {tag}") for i, s in enumerate(strategies)]
+    result = await run_batch(items, ProcessorConfig(max_workers=2, persist_results=False))
+    assert result.succeeded == 8 and peak <= 2
+    assert all((s.prepares, s.cleanups) == (1, 1) for s in strategies)
+    assert task_calls.count("prepare") == 8 and task_calls.count("cleanup") == 8
+
+
+async def test_two_concurrent_batches_in_one_loop_stay_separate() -> None:
+    tag = _tag()
+    a, b = Counting(fail={"a-001"}), Counting()
+    items_a = [LLMWorkItem(f"a-{i:03d}", a, f"[a-{i:03d}] {tag}") for i in range(7)]
+    items_b = [LLMWorkItem(f"b-{i:03d}", b, f"[b-{i:03d}] {tag}") for i in range(4)]
+    config = ProcessorConfig(max_workers=3, persist_results=False, retry=FAST_RETRY)
+    ra, rb = await asyncio.gather(run_batch(items_a, config), run_batch(items_b, config))
+    assert (ra.total_items, ra.succeeded, ra.failed) == (7, 6, 1)
+    assert (rb.total_items, rb.succeeded, rb.failed) == (4, 4, 0)
+    assert [r.item_id for r in ra.results] == [i.item_id for i in items_a]
+    assert [r.item_id for r in rb.results] == [i.item_id for i in items_b]
+    assert ra.total_input_tokens == 60 and rb.total_input_tokens == 40
+    assert (a.prepares, a.cleanups, b.prepares, b.cleanups) == (1, 1, 1, 1)
+
+
+async def test_progress_artifact_moves_while_the_batch_runs() -> None:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    key = f"progress-{_tag()}"
+    seen: list[float] = []
+
+    async def on_progress(done: int, total: int, item_id: str) -> None:
+        async with get_client() as client:
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"{key}-progress"]))
+            )
+        seen.extend(float(a.data) for a in artifacts if a.data is not None)
+
+    config = ProcessorConfig(
+        max_workers=1,
+        progress_interval=1,
+        persist_results=False,
+        artifact_key=key,
+        progress_callback_timeout=30,
+    )
+    await run_batch(_items(Counting(), 5, _tag()), config, progress_callback=on_progress)
+    assert any(0 < value < 100 for value in seen), seen  # an intermediate value, read mid-run
+
+
+async def test_retryable_503_with_retry_info_waits_at_least_the_delay(emulator: Any) -> None:
+    from google.genai import errors as genai_errors
+
+    client = emulator.client()
+    delay = 1.5
+
+    async def call(prompt: str, attempt: int, timeout: float) -> tuple[str, dict[str, int]]:
+        response = await client.aio.models.generate_content(model="gemini-2.5-flash", contents=prompt)
+        if attempt == 1:
+            raise genai_errors.ServerError(
+                503,
+                {
+                    "error": {
+                        "code": 503,
+                        "message": "The model is overloaded.",
+                        "status": "UNAVAILABLE",
+                        "details": [
+                            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{delay}s"}
+                        ],
+                    }
+                },
+            )
+        return response.text, {"input_tokens": 1}
+
+    from prefect_batchllm.strategies.direct import DirectCallStrategy
+
+    tag = _tag()
+    fast = RetryConfig(max_attempts=3, initial_wait=0.01, max_wait=0.01, jitter=False)
+    result = await run_batch(
+        [LLMWorkItem("r", DirectCallStrategy(call), f"[r] {tag}")], ProcessorConfig(retry=fast)
+    )
+    assert result.succeeded == 1 and result.results[0].attempts == 2
+    first, second = emulator.requests_for("generateContent", contains=f"[r] {tag}")
+    assert second.started_at - first.finished_at >= delay
+
+
+async def test_persisted_results_expire_after_cache_expiration_s() -> None:
+    # A long expiry replays; a short one that has certainly passed re-executes (both hold on slow machines).
+    kept, expiring = _tag(), _tag()
+    await run_batch(_items(Counting(), 1, kept), ProcessorConfig(cache_expiration_s=600))
+    assert (
+        (await run_batch(_items(Counting(), 1, kept), ProcessorConfig(cache_expiration_s=600)))
+        .results[0]
+        .replayed
+    )
+    await run_batch(_items(Counting(), 1, expiring), ProcessorConfig(cache_expiration_s=0.5))
+    await asyncio.sleep(1.5)
+    later = Counting()
+    rerun = await run_batch(_items(later, 1, expiring), ProcessorConfig(cache_expiration_s=0.5))
+    assert not rerun.results[0].replayed
+    assert later.executes == [("item-000", 1)]

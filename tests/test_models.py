@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 from google.genai import types
@@ -430,10 +429,8 @@ async def test_waiter_cancellation_does_not_wedge_the_lock(emulator):
     waiter = asyncio.ensure_future(slow.prepare())
     await asyncio.sleep(0.05)
     waiter.cancel()
-    started = time.monotonic()
     await owner
-    await asyncio.wait_for(slow.delete_cache(), timeout=5)
-    assert time.monotonic() - started < 5
+    await asyncio.wait_for(slow.delete_cache(), timeout=30)  # a wedged lock would never return
     assert emulator.count("cachedContents.create") == 1
 
 

@@ -548,3 +548,90 @@ def test_schema_identity_is_shared():
     assert not hasattr(gemini_strategies, "_schema_identity") and not hasattr(pai_strategies, "_type_name")
     assert schema_identity(Point) != schema_identity(Row)
     assert schema_identity(None) == "" and schema_identity("gemini-2.5-flash") == "gemini-2.5-flash"
+
+
+# -- fingerprints: callable_identity and the default fingerprint ------------------------------------------
+
+
+def test_callable_identity_sees_code_closures_and_defaults() -> None:
+    import functools
+    import subprocess
+    import sys
+
+    from prefect_batchllm.strategies.base import callable_identity
+
+    a, b = (lambda r: r.text), (lambda r: r.text.upper())
+    assert callable_identity(a) != callable_identity(b)  # both are "<lambda>"
+    assert callable_identity(a) == callable_identity(lambda r: r.text)  # same code, same identity
+
+    def make(suffix: str):
+        return lambda r: r + suffix
+
+    assert callable_identity(make("!")) != callable_identity(make("?"))
+    assert callable_identity(make("!")) == callable_identity(make("!"))
+
+    def with_default(r, n=1):
+        return r * n
+
+    def with_default_2(r, n=2):
+        return r * n
+
+    with_default_2.__qualname__ = with_default.__qualname__
+    assert callable_identity(with_default) != callable_identity(with_default_2)
+    assert callable_identity(functools.partial(with_default, n=3)) != callable_identity(
+        functools.partial(with_default, n=4)
+    )
+    # Stable across processes (hash randomisation included).
+    code = (
+        "from prefect_batchllm.strategies.base import callable_identity\n"
+        "S = {'x', 'y', 'z'}\n"
+        "f = lambda r: r in S and {'k': frozenset({'a', 'b'})}\n"
+        "print(callable_identity(f))\n"
+    )
+    outs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout for _ in range(2)
+    }
+    assert len(outs) == 1 and "#" in outs.pop()
+
+
+def test_gemini_fingerprint_changes_with_the_lambda_parser(emulator) -> None:
+    model = GeminiModel(MODEL, emulator.client())
+    fp = lambda parser: GeminiStrategy(model, response_parser=parser).fingerprint()  # noqa: E731
+    assert fp(lambda r: r.text) != fp(lambda r: r.text.upper())
+    assert fp(lambda r: r.text) == fp(lambda r: r.text)
+
+
+def test_default_fingerprint_hashes_public_constructor_state() -> None:
+    from prefect_batchllm.strategies.base import LLMCallStrategy
+
+    class Opts(BaseModel):
+        temperature: float = 0.0
+
+    class Custom(LLMCallStrategy[str]):
+        def __init__(self, suffix: str, opts: Opts, parser=None) -> None:
+            self.suffix, self.opts, self.parser = suffix, opts, parser or (lambda t: t)
+            self.client = threading.Lock()  # unrepresentable: counted by type name only
+            self._calls = 0  # private run-time state: ignored
+
+        async def execute(self, prompt, attempt, timeout, state=None):
+            return prompt + self.suffix, {}
+
+    base = Custom("!", Opts()).fingerprint()
+    assert Custom("!", Opts()).fingerprint() == base
+    assert Custom("?", Opts()).fingerprint() != base
+    assert Custom("!", Opts(temperature=0.5)).fingerprint() != base
+    assert Custom("!", Opts(), parser=lambda t: t.upper()).fingerprint() != base
+    changed = Custom("!", Opts())
+    changed._calls = 99
+    assert changed.fingerprint() == base
+
+
+def test_direct_call_identity_defaults_to_callable_identity() -> None:
+    def make(n: int):
+        async def call(prompt, attempt, timeout):
+            return prompt * n, {}
+
+        return call
+
+    assert DirectCallStrategy(make(1)).fingerprint() != DirectCallStrategy(make(2)).fingerprint()
+    assert DirectCallStrategy(make(1)).fingerprint() == DirectCallStrategy(make(1)).fingerprint()

@@ -56,6 +56,9 @@ class ItemLedger:
     finished_at: float | None = None
     safety_ratings: dict[str, str] | None = None
     last_error: AttemptFailed | None = None
+    #: The original exception of the last failed attempt (provider error, with its traceback and cause), for
+    #: in-process hooks such as middleware ``on_error``; never persisted or sent to Prefect.
+    last_exception: BaseException | None = None
 
     @property
     def duration_s(self) -> float:
@@ -207,6 +210,7 @@ async def _execute_once(
         raise _RateLimited(info, error)
     failure = AttemptFailed(ledger.item_id, attempt, info, describe_error(error))
     ledger.last_error = failure
+    ledger.last_exception = error
     raise failure from error
 
 
@@ -252,6 +256,8 @@ async def run_attempt(
                 info = _classify(classifier, exceeded)
                 failure = AttemptFailed(ledger.item_id, attempt, info, describe_error(exceeded))
                 ledger.last_error = failure
+                ledger.last_exception = exceeded
+                exceeded.__cause__ = limited.error
                 raise failure from limited.error
             await _pause_after_rate_limit(limited.info, config, admission, on_rate_limit)
 

@@ -8,7 +8,7 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 
@@ -213,9 +213,6 @@ class RateLimitConfig:
         )
 
 
-ExecutionMode = Literal["per_item", "chunked"]
-
-
 @_strict_fields
 @dataclass
 class ProcessorConfig:
@@ -223,6 +220,17 @@ class ProcessorConfig:
 
     ``max_requests_per_minute`` is the seed's shorthand for ``rate_limit.requests_per_minute``; giving both
     with different values is an error.
+
+    Reruns: with ``persist_results`` each successful item's result is stored under a key of (item_id,
+    prompt, strategy fingerprint), and any later run with the same key loads it instead of calling the
+    model. ``refresh_cache=True`` re-executes every item and overwrites the stored results;
+    ``cache_expiration_s`` makes stored results expire. By default results go to Prefect's *local* result
+    storage (``PREFECT_LOCAL_STORAGE_PATH``), which only serves reruns on the same machine; for reruns on
+    other workers set ``result_storage`` to a saved storage block slug such as ``"s3-bucket/results"``.
+
+    ``artifact_key`` is the prefix of the summary / failures / progress artifact keys. By default it is
+    derived from the calling flow (and deployment), so two ``run_batch`` sub-flows in one parent flow share
+    (and overwrite) the same artifacts: give each its own ``artifact_key`` to keep them apart.
     """
 
     max_workers: int = 5
@@ -237,10 +245,15 @@ class ProcessorConfig:
     max_queue_size: int = 0
     dry_run: bool = False
     # -- prefect-batchllm additions -------------------------------------------------------------------
-    execution: ExecutionMode = "per_item"  # one task run per item, or one per chunk of items
-    chunk_size: int = 50
     fail_on_item_failure: bool = False  # end the flow run Failed when any item failed (enables UI Retry)
     persist_results: bool = True  # persist item results so reruns skip completed items
+    refresh_cache: bool = (
+        False  # re-execute every item even when a persisted result exists (and overwrite it)
+    )
+    cache_expiration_s: float | None = None  # persisted item results expire after this many seconds
+    result_storage: str | None = (
+        None  # saved storage block slug for persisted results, e.g. "s3-bucket/results"
+    )
     artifact_key: str | None = None  # artifact key prefix; default derived from the flow / deployment
 
     def __post_init__(self) -> None:
@@ -282,7 +295,7 @@ class ProcessorConfig:
                 "progress_interval": (True, False),
                 "progress_callback_timeout": (False, True),
                 "max_queue_size": (True, False),
-                "chunk_size": (True, False),
+                "cache_expiration_s": (False, True),
             },
         )
         _require(
@@ -312,12 +325,22 @@ class ProcessorConfig:
         _require(self.progress_interval >= 1, own, "progress_interval", "must be >= 1")
         _require(self.max_queue_size >= 0, own, "max_queue_size", "must be >= 0 (0 = unbounded)")
         _require(
-            self.execution in ("per_item", "chunked"),
+            self.cache_expiration_s is None or _positive(self.cache_expiration_s),
             own,
-            "execution",
-            f"must be 'per_item' or 'chunked', got {self.execution!r}",
+            "cache_expiration_s",
+            f"must be > 0 seconds or None (never expire), got {self.cache_expiration_s!r}",
         )
-        _require(self.chunk_size >= 1, own, "chunk_size", "must be >= 1")
+        _require(
+            self.result_storage is None
+            or (
+                isinstance(self.result_storage, str)
+                and bool(re.fullmatch(r"[^/\s]+/[^/\s]+", self.result_storage))
+            ),
+            own,
+            "result_storage",
+            "must be a saved storage block slug '<block-type>/<block-name>' (e.g. 's3-bucket/results') "
+            f"or None, got {self.result_storage!r}",
+        )
         _require(
             self.artifact_key is None or bool(re.fullmatch(r"[a-z0-9-]+", self.artifact_key)),
             own,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, InitVar, dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -79,19 +81,30 @@ class LLMWorkItem(Generic[TOutput, TContext]):
             )
 
 
-# Agents are not hashable; key by identity and keep the agent alive with its strategy.
-_AGENT_STRATEGIES: dict[int, tuple[Any, Any]] = {}
+# One strategy per live agent object (agents are not hashable: keyed by id). Weak values: an entry lives
+# exactly as long as some item still holds its strategy, and the strategy holds the agent, so the id cannot
+# be reused by another object while the entry exists. Nothing accumulates across batches.
+_AGENT_STRATEGIES: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_AGENT_LOCK = threading.Lock()
 
 
 def _legacy_strategy(agent: Any, agent_factory: Any, direct_call: Any, input_data: Any) -> Any:
-    """The strategy behind the original batch-llm keywords (one per agent, so it is prepared once)."""
+    """The strategy behind the original batch-llm keywords (one per agent, so it is prepared once).
+
+    A ``direct_call`` strategy's identity covers the callable (:func:`callable_identity`: code, defaults,
+    closure values) *and* a hash of ``input_data``, which lives only in the wrapper's closure: the item's
+    prompt defaults to its id, so without it a changed ``input_data`` would replay the old answer.
+    """
+    from prefect_batchllm.strategies.base import callable_identity, value_identity
     from prefect_batchllm.strategies.direct import DirectCallStrategy
     from prefect_batchllm.strategies.pydantic_ai import AgentFactoryStrategy, PydanticAIStrategy
 
     if agent is not None:
-        if id(agent) not in _AGENT_STRATEGIES:
-            _AGENT_STRATEGIES[id(agent)] = (agent, PydanticAIStrategy(agent))
-        return _AGENT_STRATEGIES[id(agent)][1]
+        with _AGENT_LOCK:
+            strategy = _AGENT_STRATEGIES.get(id(agent))
+            if strategy is None or strategy.agent is not agent:
+                strategy = _AGENT_STRATEGIES[id(agent)] = PydanticAIStrategy(agent)
+            return strategy
     if agent_factory is not None:
         return AgentFactoryStrategy(agent_factory)
     if not callable(direct_call):
@@ -102,8 +115,8 @@ def _legacy_strategy(agent: Any, agent_factory: Any, direct_call: Any, input_dat
         result = direct_call(input_data, attempt, timeout) if takes_input else direct_call(attempt, timeout)
         return await result if inspect.isawaitable(result) else result
 
-    name = getattr(direct_call, "__qualname__", type(direct_call).__name__)
-    return DirectCallStrategy(call, identity=f"{getattr(direct_call, '__module__', '')}.{name}")
+    identity = f"{callable_identity(direct_call)}|input_data={value_identity(input_data)}"
+    return DirectCallStrategy(call, identity=identity)
 
 
 @dataclass

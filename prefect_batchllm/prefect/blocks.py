@@ -195,9 +195,11 @@ result = run_batch(items)  # items built with GeminiStrategy(model, response_par
                 if not contents:
                     # A cache of only a system instruction still needs content; the instruction is it.
                     contents = [self.system_instruction or ""]
+                # The factory, not one client: the model keeps a client per event loop, so a model built in
+                # plain code still works in each asyncio.run(...) and on Prefect's task loops.
                 self._model = GeminiCachedModel(
                     self.model,
-                    self.credentials.get_client(),
+                    self.credentials.get_client,
                     contents,
                     cache_ttl_seconds=self.cache_ttl_seconds,
                     cache_renewal_buffer_seconds=self.cache_renewal_buffer_seconds,

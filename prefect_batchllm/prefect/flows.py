@@ -1,10 +1,12 @@
 """The batch flow (``run_batch``), its plain-prompts shorthand, and the seed-compatible processor facade.
 
-One async flow run per batch. Inside it: one prepare task per unique strategy, then one task run per item
+One async flow run per batch. Inside it: one prepare task per unique strategy that has a real
+``prepare()`` (at most ``max_workers`` at a time; base no-ops get no task), then one task run per item
 fanned out on the flow's own event loop (``max_workers`` async workers; ``.map`` would cost a thread and a
 fresh event loop per task and break loop-bound clients), then a reduce task that builds the
-:class:`BatchResult` from in-process results and publishes artifacts, and one cleanup task per strategy in
-a ``finally`` that cancellation cannot skip.
+:class:`BatchResult` from in-process results and publishes artifacts, and one cleanup task per strategy
+with a real ``cleanup()`` in a ``finally`` that cancellation cannot skip. A strategy swapped in by
+middleware ``before_process`` is prepared lazily (once, under a lock) and cleaned up with the others.
 
 ``run_batch`` works from plain sync code (returns the result), from async code (``await`` it) and as a
 subflow of sync or async user flows. Its flow-run parameters store a compact description of ``items``
@@ -256,41 +258,71 @@ def _strategy_label(index: int, strategy: LLMCallStrategy[Any]) -> str:
     return f"{index}-{slugify_key(type(strategy).__name__, 'strategy')}"
 
 
-async def _prepare_all(run: BatchRun, strategies: list[LLMCallStrategy[Any]]) -> None:
-    """One prepare task per unique strategy, concurrently; failures fail that strategy's items."""
+def _overrides(strategy: LLMCallStrategy[Any], hook: str) -> bool:
+    """Whether ``strategy`` has its own ``prepare`` / ``cleanup`` (the base ones are no-ops)."""
+    return getattr(type(strategy), hook, None) is not getattr(LLMCallStrategy, hook)
+
+
+async def _prepare_all(
+    run: BatchRun, strategies: list[LLMCallStrategy[Any]], start: int = 0, limit: int | None = None
+) -> None:
+    """One prepare task per unique strategy with a real ``prepare()``, at most ``limit`` at a time.
+
+    Strategies with the base no-op ``prepare`` get no task (per-item strategies would otherwise cost one
+    task run each) but still count as prepared, so their ``cleanup()`` runs. Failures fail that
+    strategy's items.
+    """
+    semaphore = asyncio.Semaphore(max(1, limit or run.config.max_workers))
 
     async def prepare(index: int, strategy: LLMCallStrategy[Any]) -> None:
-        state = await prepare_strategy(
-            _strategy_label(index, strategy), quote(strategy), run.key, return_state=True
-        )
+        if not _overrides(strategy, "prepare"):
+            run.prepared.add(id(strategy))
+            return
+        async with semaphore:
+            state = await prepare_strategy(
+                _strategy_label(index, strategy), quote(strategy), run.key, return_state=True
+            )
         if not state.is_completed():
             exc = await state.aresult(raise_on_failure=False)
             reason = describe_error(exc) if isinstance(exc, BaseException) else str(state.message)
             run.prepare_errors[id(strategy)] = reason
             logger.warning("prepare() of %s failed; its items fail: %s", type(strategy).__name__, reason)
 
-    await asyncio.gather(*(prepare(i, s) for i, s in enumerate(strategies)))
+    await asyncio.gather(*(prepare(i, s) for i, s in enumerate(strategies, start)))
 
 
 async def _cleanup_all(run: BatchRun, strategies: list[LLMCallStrategy[Any]]) -> None:
-    """One cleanup task per prepared strategy; falls back to a direct call if the task cannot run."""
-    for index, strategy in enumerate(strategies):
-        if id(strategy) not in run.prepared or id(strategy) in run.cleaned:
-            continue
+    """One cleanup task per prepared strategy with a real ``cleanup()``, ``max_workers`` at a time;
+    falls back to a direct call if the task cannot run."""
+    semaphore = asyncio.Semaphore(max(1, run.config.max_workers))
+
+    async def cleanup(index: int, strategy: LLMCallStrategy[Any]) -> None:
+        async with semaphore:
+            await _cleanup_one(run, index, strategy)
+
+    await asyncio.gather(*(cleanup(i, s) for i, s in enumerate(strategies)))
+
+
+async def _cleanup_one(run: BatchRun, index: int, strategy: LLMCallStrategy[Any]) -> None:
+    if id(strategy) not in run.prepared or id(strategy) in run.cleaned:
+        return
+    if not _overrides(strategy, "cleanup"):
+        run.cleaned.add(id(strategy))
+        return
+    try:
+        state = await cleanup_strategy(
+            _strategy_label(index, strategy), quote(strategy), run.key, return_state=True
+        )
+        if not state.is_completed():
+            logger.warning("cleanup() of %s failed: %s", type(strategy).__name__, state.message)
+    except BaseException as exc:  # the engine could not run the task: clean up directly
+        logger.debug("cleanup task could not run (%s); calling cleanup() directly", exc)
+    if id(strategy) not in run.cleaned:
+        run.cleaned.add(id(strategy))
         try:
-            state = await cleanup_strategy(
-                _strategy_label(index, strategy), quote(strategy), run.key, return_state=True
-            )
-            if not state.is_completed():
-                logger.warning("cleanup() of %s failed: %s", type(strategy).__name__, state.message)
-        except BaseException as exc:  # the engine could not run the task: clean up directly
-            logger.debug("cleanup task could not run (%s); calling cleanup() directly", exc)
-        if id(strategy) not in run.cleaned:
-            run.cleaned.add(id(strategy))
-            try:
-                await strategy.cleanup()
-            except Exception as exc:
-                logger.warning("cleanup() of %s failed: %s", type(strategy).__name__, safe_reason(exc))
+            await strategy.cleanup()
+        except Exception as exc:
+            logger.warning("cleanup() of %s failed: %s", type(strategy).__name__, safe_reason(exc))
 
 
 async def _shielded(coro: Any) -> None:
@@ -395,8 +427,17 @@ def _failed(
         error_category=category,
         attempts=ledger.attempts,
         duration_s=ledger.duration_s,
-        model=item.strategy.model_name,
+        model=_safe_model_name(item.strategy),
     )
+
+
+def _safe_model_name(strategy: Any) -> str | None:
+    """The strategy's model name, or ``None`` when its (user-written) property raises."""
+    try:
+        name = strategy.model_name
+    except Exception:
+        return None
+    return name if isinstance(name, str) else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,45 +457,75 @@ async def _run_batch(
     in input order). Failed items are Failed task runs; the flow still returns the whole result unless
     ``config.fail_on_item_failure`` is set, in which case it raises :class:`BatchItemsFailed` after
     writing results and artifacts.
+
+    ``post_processor`` runs for every successful item, *including* results replayed from an earlier run
+    (``result.replayed is True``), so a write that failed or never happened then is retried now. It must
+    therefore be idempotent (an upsert), or skip replayed results itself.
     """
     items, config = validate_batch_inputs(items, config)
     mws = list(middlewares or [])
     events = EventDispatcher(observers, timeout=config.progress_callback_timeout or 5.0)
     admission = Unlimited() if config.dry_run else await _admission_for(config)
-    run = open_run(BatchRun(config, admission, error_classifier or DefaultErrorClassifier(), events))
+    run = BatchRun(config, admission, error_classifier or DefaultErrorClassifier(), events)
     total = len(items)
     results: list[WorkItemResult[Any, Any] | None] = [None] * total
     strategies = _unique_strategies(items)
-    prefix = await _artifact_prefix(config)
-    progress = ProgressArtifact(prefix, total, config.progress_interval)
-    item_task = configured_item_task(config)
+    ready: set[int] = set()  # strategies whose prepare step has finished (or failed)
+    lazy_lock = asyncio.Lock()
     completed = 0
     started = time.monotonic()
 
-    async def run_one(index: int, item: LLMWorkItem[Any, Any]) -> None:
-        nonlocal completed
+    async def ensure_prepared(strategy: LLMCallStrategy[Any]) -> None:
+        """Prepare a strategy swapped in by middleware ``before_process``: once, under a lock; it is
+        then cleaned up with the others."""
+        if id(strategy) in ready:
+            return
+        async with lazy_lock:
+            if id(strategy) in ready:
+                return
+            strategies.append(strategy)  # keeps it alive (stable id) and in the cleanup list
+            try:
+                if not config.dry_run:
+                    await _prepare_all(run, [strategy], start=len(strategies) - 1)
+            finally:
+                ready.add(id(strategy))
+
+    async def process(index: int, item: LLMWorkItem[Any, Any]) -> WorkItemResult[Any, Any]:
         current = await _middleware_before(mws, item)
-        error: Exception | None = None
         if current is None:
-            result: WorkItemResult[Any, Any] = WorkItemResult(
+            return WorkItemResult(
                 item.item_id,
                 False,
                 error="skipped by middleware",
                 context=item.context,
                 error_category="skipped",
             )
-        else:
-            await events.emit(ProcessingEvent.ITEM_STARTED, {"item_id": item.item_id, "index": index})
-            state = await item_task(
-                item_id=current.item_id, item=quote(current), run_key=run.key, return_state=True
-            )
-            result, error = await _result_from_state(state, current, run)
-            if result.success and not result.replayed:
-                result = await _middleware_after(mws, result)
-            elif not result.success and error is not None:
-                recovered = await _middleware_on_error(mws, current, error)
-                if recovered is not None:
-                    result = recovered
+        await ensure_prepared(current.strategy)
+        await events.emit(ProcessingEvent.ITEM_STARTED, {"item_id": item.item_id, "index": index})
+        state = await item_task(
+            item_id=current.item_id, item=quote(current), run_key=run.key, return_state=True
+        )
+        result, error = await _result_from_state(state, current, run)
+        if result.success and not result.replayed:
+            result = await _middleware_after(mws, result)
+        elif not result.success and error is not None:
+            # Middleware sees the original provider exception (with its cause), not the quiet AttemptFailed
+            # that went to Prefect.
+            original = run.ledger(item.item_id).last_exception
+            cause = original if isinstance(original, Exception) else error
+            recovered = await _middleware_on_error(mws, current, cause)
+            if recovered is not None:
+                result = recovered
+        return result
+
+    async def run_one(index: int, item: LLMWorkItem[Any, Any]) -> None:
+        nonlocal completed
+        try:
+            result = await process(index, item)
+        except Exception as exc:  # e.g. an unloadable persisted result, a raising user property
+            # One item's unexpected error must not cancel the TaskGroup and lose every other result.
+            logger.warning("item %s failed outside its task: %s", item.item_id, safe_reason(exc))
+            result = _failed(item, run.ledger(item.item_id), exc, "unknown", safe_reason(exc))
         results[index] = result
         if result.success:
             await events.emit(
@@ -482,7 +553,9 @@ async def _run_batch(
                 what="progress_callback",
             )
         await progress.update(completed)
-        if post_processor is not None and result.success and not result.replayed:
+        # Replayed successes too: a post-processor that failed (or never ran, after a crash) in the earlier
+        # run gets another chance. Post-processors must therefore be idempotent (``result.replayed`` tells).
+        if post_processor is not None and result.success:
             ok, message = await call_user_hook(
                 post_processor, result, timeout=config.post_processor_timeout, what="post_processor"
             )
@@ -496,10 +569,15 @@ async def _run_batch(
             await run_one(index, item)
 
     try:
+        open_run(run)
+        prefix = await _artifact_prefix(config)
+        progress = ProgressArtifact(prefix, total, config.progress_interval)
+        item_task = configured_item_task(config)
         await progress.start()
         await events.emit(ProcessingEvent.BATCH_STARTED, {"total": total, "max_workers": config.max_workers})
         if not config.dry_run:
             await _prepare_all(run, strategies)
+        ready.update(id(s) for s in strategies)
         async with asyncio.TaskGroup() as group:
             for _ in range(min(config.max_workers, total)):
                 group.create_task(worker())

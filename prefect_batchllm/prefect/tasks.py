@@ -20,6 +20,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from prefect import task
@@ -271,16 +272,29 @@ async def process_item(item_id: str, item: LLMWorkItem[Any, Any], run_key: str) 
 
 
 def configured_item_task(config: ProcessorConfig) -> Any:
-    """``process_item`` with this config's retries, back-off, jitter and result persistence."""
+    """``process_item`` with this config's retries, back-off, jitter and result persistence.
+
+    ``refresh_cache`` re-executes items that have a persisted result (and overwrites it);
+    ``cache_expiration_s`` bounds how long a persisted result is replayed; ``result_storage`` (a saved
+    storage block slug) replaces the default local storage, which only serves reruns on the same machine.
+    """
     retries = config.retry.max_attempts - 1
     delays = config.retry.delays()[:_MAX_DELAYS]
     cache = config.persist_results and not config.dry_run
+    options: dict[str, Any] = {}
+    if cache:
+        options["refresh_cache"] = config.refresh_cache
+        if config.cache_expiration_s is not None:
+            options["cache_expiration"] = timedelta(seconds=config.cache_expiration_s)
+        if config.result_storage is not None:
+            options["result_storage"] = config.result_storage
     return process_item.with_options(
         retries=retries,
         retry_delay_seconds=delays if retries and any(delays) else 0,
         retry_jitter_factor=_JITTER_FACTOR if config.retry.jitter and retries else None,
         cache_policy=ItemCachePolicy() if cache else NO_CACHE,
         persist_result=cache,
+        **options,
     )
 
 

@@ -15,7 +15,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from prefect_batchllm.core.tokens import TokenUsage, normalize_usage
-from prefect_batchllm.strategies.base import ExecuteResult, LLMCallStrategy, RetryState, TOutput
+from prefect_batchllm.strategies.base import (
+    ExecuteResult,
+    LLMCallStrategy,
+    RetryState,
+    TOutput,
+    callable_identity,
+)
 
 __all__ = ["DirectCallStrategy"]
 
@@ -23,8 +29,8 @@ __all__ = ["DirectCallStrategy"]
 class DirectCallStrategy(LLMCallStrategy[TOutput]):
     """Calls ``call(prompt, attempt, timeout[, state])`` once per attempt.
 
-    ``model_name`` (for pricing) and ``identity`` (for the rerun fingerprint; defaults to the callable's
-    qualified name) are optional.
+    ``model_name`` (for pricing) and ``identity`` (for the rerun fingerprint; defaults to
+    :func:`callable_identity` of the callable: its name, code, defaults and closure values) are optional.
     """
 
     def __init__(
@@ -88,8 +94,8 @@ class DirectCallStrategy(LLMCallStrategy[TOutput]):
         return output, normalized
 
     def fingerprint(self) -> str:
-        """``identity`` or the callable's qualified name, plus the model name."""
-        identity = self.identity or _qualname(self.call)
+        """``identity`` or the callable's :func:`callable_identity`, plus the model name."""
+        identity = self.identity or callable_identity(self.call)
         text = "|".join([type(self).__qualname__, identity, self._model_name or ""])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -32,6 +32,7 @@ from prefect_batchllm.strategies.base import (
     LLMCallStrategy,
     RetryState,
     TOutput,
+    callable_identity,
     schema_identity,
 )
 
@@ -386,7 +387,7 @@ class GeminiStrategy(LLMCallStrategy[TOutput]):
         parser = self.response_parser
         parts = [
             super().fingerprint(),
-            f"{getattr(parser, '__module__', '')}.{getattr(parser, '__qualname__', type(parser).__name__)}",
+            callable_identity(parser),
             repr(self.temperature),
             schema_identity(self.response_schema),
             json.dumps(self.generation_config, sort_keys=True, default=schema_identity),

@@ -16,7 +16,14 @@ from typing import Any
 from prefect_batchllm.core.errors import attach_token_usage
 from prefect_batchllm.core.pricing import bare_model_name
 from prefect_batchllm.core.tokens import TokenUsage
-from prefect_batchllm.strategies.base import MOCK_USAGE, LLMCallStrategy, RetryState, TOutput, schema_identity
+from prefect_batchllm.strategies.base import (
+    MOCK_USAGE,
+    LLMCallStrategy,
+    RetryState,
+    TOutput,
+    callable_identity,
+    schema_identity,
+)
 from prefect_batchllm.strategies.gemini import mock_output
 
 __all__ = ["AgentFactoryStrategy", "PydanticAIStrategy", "agent_model_name", "usage_from_run"]
@@ -183,11 +190,7 @@ class AgentFactoryStrategy(LLMCallStrategy[TOutput]):
 
     def fingerprint(self) -> str:
         """Factory identity plus the attempt-1 agent's model, output type and instructions."""
-        factory = (
-            getattr(self.agent_factory, "__module__", "")
-            + "."
-            + getattr(self.agent_factory, "__qualname__", type(self.agent_factory).__name__)
-        )
+        factory = callable_identity(self.agent_factory)
         agent = self._probe_agent()
         return _fingerprint(type(self), factory, self.model_name, _output_type(agent), _agent_prompts(agent))
 
