@@ -6,8 +6,7 @@ used without importing Prefect.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from prefect_batchllm._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     # core
@@ -56,16 +55,4 @@ _EXPORTS: dict[str, str] = {
     "write_table": "prefect_batchllm.dataframe",
 }
 
-__all__ = sorted(_EXPORTS)
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'prefect_batchllm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -428,3 +428,19 @@ def test_item_task_gets_refresh_expiration_and_storage_options() -> None:
     assert (
         default.refresh_cache is False and default.cache_expiration is None and default.result_storage is None
     )
+
+
+def test_provider_layer_imports_nothing_from_prefect() -> None:
+    """DESIGN.md's boundary: core/, models/, strategies/ and testing/ are usable without Prefect."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import prefect_batchllm as p; "
+        "from prefect_batchllm import GeminiModel, GeminiCachedModel, GeminiStrategy, PydanticAIStrategy, "
+        "DirectCallStrategy, LLMWorkItem, BatchResult, ProcessorConfig, DefaultErrorClassifier; "
+        "import prefect_batchllm.testing, prefect_batchllm.core.attempt; "
+        "print(sorted(m for m in sys.modules if m == 'prefect' or m.startswith('prefect.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

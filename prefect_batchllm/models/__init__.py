@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from prefect_batchllm._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "LLMResponse": "prefect_batchllm.models.base",
@@ -13,17 +12,4 @@ _EXPORTS: dict[str, str] = {
     "GeminiCachedModel": "prefect_batchllm.models.gemini",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'prefect_batchllm.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
