@@ -220,8 +220,18 @@ def _describe_prompts(prompts: Any) -> dict[str, Any]:
 
 
 async def _admission_for(config: ProcessorConfig) -> Admission:
-    """The admission (rate limiter) for a batch. The single place the limiter plugs in."""
-    return Unlimited()
+    """The admission (rate limiter) for a batch: Prefect global concurrency limits when a limit is set.
+
+    The limits are created/updated and validated here, at flow start, so a misconfigured limit fails the
+    batch before any item runs (never silent unlimited execution).
+    """
+    from prefect_batchllm.prefect.limits import admission_for
+
+    admission = admission_for(config)
+    start = getattr(admission, "start", None)
+    if callable(start):
+        await start()
+    return admission
 
 
 async def _artifact_prefix(config: ProcessorConfig) -> str:

@@ -1,0 +1,143 @@
+"""``prefect-batchllm``: operator commands (rate limits), the local Gemini emulator and the demo.
+
+    prefect-batchllm limits apply --prefix gemini-flash --rpm 1000 --tpm 2000000 --in-flight 64
+    prefect-batchllm limits show [--prefix gemini-flash]
+    prefect-batchllm limits delete --prefix gemini-flash
+    prefect-batchllm emulator --port 8089 --rpm 600 --latency 0.2
+    prefect-batchllm demo
+
+``limits`` talks to the Prefect API of the active profile (``PREFECT_API_URL``), so the same limits hold
+for every flow run and worker that uses the prefix. Heavy imports happen inside each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {number}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="prefect-batchllm", description="Batch LLM work on Prefect: limits, emulator, demo."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    limits = commands.add_parser("limits", help="manage the global concurrency limits of a quota")
+    actions = limits.add_subparsers(dest="action", required=True, metavar="ACTION")
+    apply = actions.add_parser("apply", help="create or update the limits of a prefix (idempotent)")
+    apply.add_argument("--prefix", required=True, help="limit-name prefix (RateLimitConfig.limit_prefix)")
+    apply.add_argument("--rpm", type=_positive_float, default=None, help="provider requests per minute")
+    apply.add_argument("--tpm", type=_positive_int, default=None, help="provider input tokens per minute")
+    apply.add_argument("--in-flight", type=_positive_int, default=None, help="concurrent requests")
+    apply.add_argument(
+        "--window",
+        type=_positive_float,
+        default=60.0,
+        help="seconds the provider counts its quota over (default 60)",
+    )
+    show = actions.add_parser("show", help="list limits (all, or those of one prefix)")
+    show.add_argument("--prefix", default=None)
+    delete = actions.add_parser("delete", help="delete the limits of a prefix")
+    delete.add_argument("--prefix", required=True)
+
+    emulator = commands.add_parser(
+        "emulator",
+        help="serve the local Gemini API emulator (same arguments as python -m prefect_batchllm.testing)",
+    )
+    emulator.add_argument("args", nargs=argparse.REMAINDER, help="forwarded to the emulator")
+
+    demo = commands.add_parser("demo", help="run the demo flow (flows/demo.py)")
+    demo.add_argument("args", nargs=argparse.REMAINDER, help="forwarded to the demo")
+    return parser
+
+
+def _describe(lim: Any) -> str:
+    decay = float(lim.slot_decay_per_second or 0.0)
+    kind = f"decay {decay:.4g}/s (~{decay * 60:.0f}/min)" if decay > 0 else "no decay"
+    state = "active" if lim.active else "DISABLED (acquisitions run unlimited)"
+    return f"{lim.name:40s} limit {lim.limit:>8d}  in use {lim.active_slots:>8d}  {kind}  {state}"
+
+
+async def _limits(args: argparse.Namespace) -> int:
+    from prefect_batchllm.core.config import RateLimitConfig
+    from prefect_batchllm.prefect.limits import (
+        aensure_rate_limits,
+        delete_rate_limits,
+        limit_specs,
+        read_rate_limits,
+    )
+
+    if args.action == "apply":
+        if args.rpm is None and args.tpm is None and args.in_flight is None:
+            print("limits apply: give at least one of --rpm, --tpm, --in-flight", file=sys.stderr)
+            return 2
+        config = RateLimitConfig(
+            requests_per_minute=args.rpm,
+            tokens_per_minute=args.tpm,
+            max_in_flight=args.in_flight,
+            limit_prefix=args.prefix,
+            quota_window_seconds=args.window,
+        )
+        await aensure_rate_limits(config)
+        for spec in limit_specs(config):
+            print(f"applied {spec.name}: limit {spec.limit}, slot decay {spec.slot_decay_per_second:.4g}/s")
+        return 0
+    if args.action == "show":
+        found = await read_rate_limits(args.prefix)
+        if not found:
+            print("no limits" + (f" for prefix {args.prefix!r}" if args.prefix else ""))
+        for lim in found:
+            print(_describe(lim))
+        return 0
+    deleted = await delete_rate_limits(args.prefix)
+    print(f"deleted {', '.join(deleted)}" if deleted else f"no limits for prefix {args.prefix!r}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit code."""
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    if args.command == "emulator":
+        from prefect_batchllm.testing.__main__ import main as emulator_main
+
+        return int(emulator_main(args.args) or 0)
+    if args.command == "demo":
+        try:
+            from flows.demo import main as demo_main
+        except ImportError as exc:
+            print(f"demo: cannot import flows.demo ({exc}); run from the project checkout", file=sys.stderr)
+            return 1
+        return int(demo_main(args.args) or 0)
+    try:
+        return asyncio.run(_limits(args))
+    except ValueError as exc:  # invalid prefix / values (RateLimitConfig validates)
+        print(f"limits {args.action}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
