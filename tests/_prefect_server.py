@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 __all__ = ["connected", "prefect_env", "prefect_server"]
 
@@ -108,14 +109,21 @@ def prefect_server(*, timeout: float = 240.0) -> Iterator[str]:
             time.sleep(0.5)
         yield api_url
     finally:
+        stop_process_group(proc)
+
+
+def stop_process_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM a process started with ``start_new_session=True`` and its children; SIGKILL after 20 s."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from _prefect_server import connected, prefect_env, prefect_server
+from _prefect_server import connected, prefect_env, prefect_server, stop_process_group
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import Scheduled
@@ -134,15 +134,7 @@ def background(args: list[str], env: dict[str, str], log: Path) -> Iterator[subp
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_process_group(proc)
 
 
 def table_params(tmp_path: Path, tag: str, **extra: Any) -> dict[str, Any]:
