@@ -378,6 +378,28 @@ def test_seed_keywords_are_exclusive_with_strategy() -> None:
     assert item.prompt == "a" and item.strategy.fingerprint()  # prompt defaults to the id for direct calls
 
 
+async def test_seed_direct_call_runs_sync_callables_off_the_loop_and_awaits_async_ones() -> None:
+    import threading
+
+    loop_thread = threading.get_ident()
+    seen: dict[str, int] = {}
+
+    def sync_call(input_data, attempt, timeout):
+        seen["sync"] = threading.get_ident()
+        return f"sync {input_data['row']} #{attempt}", {"input_tokens": 1}
+
+    async def async_call(attempt, timeout):
+        seen["async"] = threading.get_ident()
+        return f"async #{attempt}", {"input_tokens": 2}
+
+    sync_item = LLMWorkItem("s", direct_call=sync_call, input_data={"row": 7})
+    async_item = LLMWorkItem("a", direct_call=async_call)
+    assert (await sync_item.strategy.execute(sync_item.prompt, 1, 5.0))[0] == "sync 7 #1"
+    assert (await async_item.strategy.execute(async_item.prompt, 2, 5.0))[0] == "async #2"
+    assert seen["sync"] != loop_thread  # a blocking user call never stalls the event loop
+    assert seen["async"] == loop_thread
+
+
 # -- legacy keywords: input_data identity, no strategy leak --------------------------------------------
 
 

@@ -96,7 +96,7 @@ def _legacy_strategy(agent: Any, agent_factory: Any, direct_call: Any, input_dat
     prompt defaults to its id, so without it a changed ``input_data`` would replay the old answer.
     """
     from prefect_batchllm.strategies.base import callable_identity, value_identity
-    from prefect_batchllm.strategies.direct import DirectCallStrategy
+    from prefect_batchllm.strategies.direct import DirectCallStrategy, is_coroutine_callable
     from prefect_batchllm.strategies.pydantic_ai import AgentFactoryStrategy, PydanticAIStrategy
 
     if agent is not None:
@@ -111,10 +111,16 @@ def _legacy_strategy(agent: Any, agent_factory: Any, direct_call: Any, input_dat
         raise TypeError(f"direct_call must be callable, got {type(direct_call).__name__}")
     takes_input = len(inspect.signature(direct_call).parameters) >= 3
 
-    async def call(prompt: Any, attempt: int, timeout: float) -> Any:
-        result = direct_call(input_data, attempt, timeout) if takes_input else direct_call(attempt, timeout)
-        return await result if inspect.isawaitable(result) else result
+    def forward(prompt: Any, attempt: int, timeout: float) -> Any:
+        """The seed's signature: ``direct_call([input_data,] attempt, timeout)``; the prompt is not passed."""
+        return direct_call(input_data, attempt, timeout) if takes_input else direct_call(attempt, timeout)
 
+    async def forward_async(prompt: Any, attempt: int, timeout: float) -> Any:
+        return await forward(prompt, attempt, timeout)
+
+    # Keep the callable's kind, so DirectCallStrategy runs a sync one in a thread (off the loop, under the
+    # framework's timeout) and awaits an async one on the loop.
+    call = forward_async if is_coroutine_callable(direct_call) else forward
     identity = f"{callable_identity(direct_call)}|input_data={value_identity(input_data)}"
     return DirectCallStrategy(call, identity=identity)
 

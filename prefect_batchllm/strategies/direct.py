@@ -49,7 +49,7 @@ class DirectCallStrategy(LLMCallStrategy[TOutput]):
         self._model_name = model_name
         self.identity = identity
         self._pass_state = _takes_state(call)
-        self._is_async = _is_coroutine_function(call)
+        self._is_async = is_coroutine_callable(call)
         _check_arity(call)
 
     def __repr__(self) -> str:
@@ -104,7 +104,7 @@ def _qualname(call: Callable[..., Any]) -> str:
     return f"{getattr(call, '__module__', '')}.{getattr(call, '__qualname__', type(call).__name__)}"
 
 
-def _is_coroutine_function(call: Callable[..., Any]) -> bool:
+def is_coroutine_callable(call: Callable[..., Any]) -> bool:
     while isinstance(call, functools.partial):
         call = call.func
     return inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(
