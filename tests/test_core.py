@@ -83,11 +83,11 @@ def test_unknown_config_field_names_it_and_suggests() -> None:
         RetryConfig(max_attempt=2)
 
 
-def test_execution_and_chunk_size_are_not_settings() -> None:
-    """No chunked mode exists, so there is no setting pretending to select it."""
-    for name in ("execution", "chunk_size"):
-        with pytest.raises(TypeError, match=f"unknown config field {name!r}"):
-            ProcessorConfig(**{name: 1})
+def test_chunk_size_selects_chunked_execution_and_execution_is_not_a_setting() -> None:
+    assert ProcessorConfig().chunk_size is None  # one task run per item by default
+    assert ProcessorConfig(chunk_size=200).chunk_size == 200
+    with pytest.raises(TypeError, match="unknown config field 'execution'.*chunk_size"):
+        ProcessorConfig(execution="chunked")  # type: ignore[call-arg]
 
 
 def test_conflicting_rpm_settings_are_an_error() -> None:

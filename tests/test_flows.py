@@ -812,14 +812,14 @@ async def test_unexpected_error_outside_the_task_fails_only_that_item() -> None:
 async def test_unpicklable_persisted_result_becomes_a_failed_item(monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect_batchllm.prefect import flows as flows_module
 
-    original = flows_module._result_from_state
+    original = flows_module._execute_as_task
 
-    async def broken(state: Any, item: Any, run: Any) -> Any:
+    async def broken(item_task: Any, item: Any, run: Any) -> Any:
         if item.item_id == "item-001":
             raise ModuleNotFoundError("No module named 'renamed_module'")
-        return await original(state, item, run)
+        return await original(item_task, item, run)
 
-    monkeypatch.setattr(flows_module, "_result_from_state", broken)
+    monkeypatch.setattr(flows_module, "_execute_as_task", broken)
     result = await run_batch(_items(Counting(), 3, _tag()), ProcessorConfig(persist_results=False))
     assert [r.success for r in result.results] == [True, False, True]
     failed = result.by_id()["item-001"]
@@ -1013,3 +1013,138 @@ async def test_persisted_results_expire_after_cache_expiration_s() -> None:
     rerun = await run_batch(_items(later, 1, expiring), ProcessorConfig(cache_expiration_s=0.5))
     assert not rerun.results[0].replayed
     assert later.executes == [("item-000", 1)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunked execution (ProcessorConfig.chunk_size): one task run per chunk, same per-item guarantees
+
+
+async def _task_runs_of(flow_run_id: Any, expected: int) -> list[Any]:
+    """The flow run's task runs once ``expected`` of them reached the API (events: eventually consistent)."""
+    async with get_client() as client:
+        for _ in range(150):
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            finals = [r for r in runs if r.state is not None and r.state.is_final()]
+            if len(finals) >= expected:
+                return runs
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"only {len(finals)} of {expected} final task runs reached the API")
+
+
+async def test_chunked_run_keeps_per_item_guarantees_over_the_real_sdk(emulator: Any) -> None:
+    tag = _tag()
+    emulator.faults.add(Fault.status(400), contains="[item-013]", times=None)
+    emulator.faults.add(Fault.safety_block(), contains="[item-101]", times=None)
+    emulator.faults.add(Fault.invalid_json(), contains="[item-050]", times=1)
+    transient = emulator.faults.add(Fault.status(503), rate=0.1, times=None)
+
+    strategy = GeminiStrategy(GeminiModel("gemini-2.5-flash", emulator.client()), response_schema=Label)
+    items = _items(strategy, 120, tag)
+    config = ProcessorConfig(max_workers=8, retry=FAST_RETRY, chunk_size=25)
+    state = await run_batch(items, config, return_state=True)
+    result = await state.aresult()
+
+    assert [r.item_id for r in result.results] == [i.item_id for i in items]
+    by_id = result.by_id()
+    assert {r.item_id for r in result.failed_items()} == {"item-013", "item-101"}
+    assert by_id["item-013"].error_category == "fatal"
+    assert by_id["item-101"].error_category == "blocked"
+    assert by_id["item-050"].success and by_id["item-050"].metadata.get("corrected") is True
+    assert transient.hits >= 5
+    for r in result.results:
+        requests = emulator.requests_for("generateContent", contains=f"[{r.item_id}]")
+        assert r.attempts == len(requests), r.item_id  # one request per attempt, in the same chunk task
+        if not r.success:
+            assert len(requests) == 1, r.item_id  # fatal / blocked: tried once, never retried
+    usage = emulator.usage_totals()
+    assert result.total_input_tokens == usage["prompt"] > 0
+    assert result.total_output_tokens == usage["candidates"]
+
+    runs = await _task_runs_of(state.state_details.flow_run_id, expected=5)
+    chunks = {r.name: r for r in runs if r.name.startswith("chunk-")}
+    assert sorted(chunks) == [
+        "chunk-1: item-000 .. item-024",
+        "chunk-2: item-025 .. item-049",
+        "chunk-3: item-050 .. item-074",
+        "chunk-4: item-075 .. item-099",
+        "chunk-5: item-100 .. item-119",
+    ]
+    assert not [r for r in runs if r.name.startswith("item-")]  # no per-item task runs
+    failed = {name for name, r in chunks.items() if r.state.is_failed()}
+    assert failed == {"chunk-1: item-000 .. item-024", "chunk-5: item-100 .. item-119"}
+    message = chunks["chunk-1: item-000 .. item-024"].state.message or ""
+    assert "1 of 25 items failed (fatal=1): item-013" in message
+
+
+async def test_chunked_items_run_concurrently_within_max_workers_and_retry_transients() -> None:
+    tag = _tag()
+    strategy = Counting(fail={"item-007"}, flaky={"item-003", "item-021"}, delay=0.02)
+    peak = 0
+    original = strategy.execute
+
+    async def tracking(*args: Any, **kwargs: Any) -> Any:
+        nonlocal peak
+        peak = max(peak, strategy.in_flight + 1)
+        return await original(*args, **kwargs)
+
+    strategy.execute = tracking  # type: ignore[method-assign]
+    config = ProcessorConfig(max_workers=6, chunk_size=4, retry=FAST_RETRY)
+    result = await run_batch(_items(strategy, 30, tag), config)
+
+    assert result.total_items == 30 and result.failed == 1
+    assert 2 <= peak <= 6  # items ran concurrently, across chunks, never beyond max_workers
+    attempts = strategy.attempts_by_item()
+    assert attempts["item-003"] == [1, 2] and attempts["item-021"] == [1, 2]  # transient: retried once
+    assert attempts["item-007"] == [1]  # fatal: not retried
+    assert result.by_id()["item-003"].attempts == 2
+    assert strategy.prepares == 1 and strategy.cleanups == 1
+
+
+async def test_chunked_and_per_item_runs_replay_each_others_results() -> None:
+    tag = _tag()
+    first = Counting(fail={"item-002", "item-005"})
+    run1 = await run_batch(_items(first, 8, tag), ProcessorConfig(retry=FAST_RETRY, chunk_size=3))
+    assert run1.failed == 2
+
+    second = Counting()  # per-item mode replays what the chunked run persisted
+    run2 = await run_batch(_items(second, 8, tag), ProcessorConfig(retry=FAST_RETRY))
+    assert sorted(second.attempts_by_item()) == ["item-002", "item-005"]
+    assert [r.item_id for r in run2.results if not r.replayed] == ["item-002", "item-005"]
+    assert run2.by_id()["item-000"].output == run1.by_id()["item-000"].output
+    assert run2.total_input_tokens == 20
+
+    third = Counting()  # and chunked mode replays what the per-item run persisted
+    run3 = await run_batch(_items(third, 8, tag), ProcessorConfig(retry=FAST_RETRY, chunk_size=5))
+    assert third.executes == [] and all(r.replayed for r in run3.results) and run3.succeeded == 8
+    assert run3.total_input_tokens == 0
+
+    fourth = Counting()  # refresh_cache re-executes everything in chunked mode too
+    config = ProcessorConfig(retry=FAST_RETRY, chunk_size=5, refresh_cache=True)
+    run4 = await run_batch(_items(fourth, 8, tag), config)
+    assert len(fourth.executes) == 8 and not any(r.replayed for r in run4.results)
+
+
+async def test_chunked_flow_retry_reexecutes_only_failed_items() -> None:
+    tag = _tag()
+    strategy = FailsOnce({"item-001", "item-006"})
+    retrying = run_batch.with_options(retries=1, retry_delay_seconds=0)
+    config = ProcessorConfig(fail_on_item_failure=True, retry=FAST_RETRY, chunk_size=4)
+    state = await retrying(_items(strategy, 8, tag), config, return_state=True)
+
+    assert state.is_completed()
+    result = await state.aresult()
+    assert result.succeeded == 8
+    executed = strategy.attempts_by_item()
+    assert executed["item-001"] == [1, 1] and executed["item-006"] == [1, 1]
+    assert all(executed[f"item-{i:03d}"] == [1] for i in (0, 2, 3, 4, 5, 7))
+    assert sorted(r.item_id for r in result.results if not r.replayed) == ["item-001", "item-006"]
+
+
+async def test_chunk_size_is_validated() -> None:
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=r"ProcessorConfig\.chunk_size"):
+            ProcessorConfig(chunk_size=bad)
+    with pytest.raises(TypeError, match=r"ProcessorConfig\.chunk_size"):
+        ProcessorConfig(chunk_size=2.5)  # type: ignore[arg-type]

@@ -228,6 +228,13 @@ class ProcessorConfig:
     storage (``PREFECT_LOCAL_STORAGE_PATH``), which only serves reruns on the same machine; for reruns on
     other workers set ``result_storage`` to a saved storage block slug such as ``"s3-bucket/results"``.
 
+    Execution: by default every item is its own Prefect task run (most observable: one row per item in the
+    UI). ``chunk_size=N`` runs one task run per N consecutive items instead; the items inside it run
+    concurrently (still at most ``max_workers`` in flight) with the same lifecycle, classifier-driven
+    retries, rate limiter and per-item result persistence, and the same ``BatchResult``. Prefect's cost is
+    per task run (tens of ms of client CPU, plus event writes that compete with rate-limit writes on a
+    SQLite server), so chunks suit batches of many thousands of items.
+
     ``artifact_key`` is the prefix of the summary / failures / progress artifact keys. By default it is
     derived from the calling flow (and deployment), so two ``run_batch`` sub-flows in one parent flow share
     (and overwrite) the same artifacts: give each its own ``artifact_key`` to keep them apart.
@@ -255,6 +262,7 @@ class ProcessorConfig:
         None  # saved storage block slug for persisted results, e.g. "s3-bucket/results"
     )
     artifact_key: str | None = None  # artifact key prefix; default derived from the flow / deployment
+    chunk_size: int | None = None  # None: one task run per item; N: one task run per N consecutive items
 
     def __post_init__(self) -> None:
         _check_number(
@@ -296,6 +304,7 @@ class ProcessorConfig:
                 "progress_callback_timeout": (False, True),
                 "max_queue_size": (True, False),
                 "cache_expiration_s": (False, True),
+                "chunk_size": (True, True),
             },
         )
         _require(
@@ -323,6 +332,12 @@ class ProcessorConfig:
             f"must be > 0 seconds or None, got {self.progress_callback_timeout!r}",
         )
         _require(self.progress_interval >= 1, own, "progress_interval", "must be >= 1")
+        _require(
+            self.chunk_size is None or self.chunk_size >= 1,
+            own,
+            "chunk_size",
+            f"must be an int >= 1 (items per task run) or None (per item), got {self.chunk_size!r}",
+        )
         _require(self.max_queue_size >= 0, own, "max_queue_size", "must be >= 0 (0 = unbounded)")
         _require(
             self.cache_expiration_s is None or _positive(self.cache_expiration_s),

@@ -3,10 +3,11 @@
 One async flow run per batch. Inside it: one prepare task per unique strategy that has a real
 ``prepare()`` (at most ``max_workers`` at a time; base no-ops get no task), then one task run per item
 fanned out on the flow's own event loop (``max_workers`` async workers; ``.map`` would cost a thread and a
-fresh event loop per task and break loop-bound clients), then a reduce task that builds the
-:class:`BatchResult` from in-process results and publishes artifacts, and one cleanup task per strategy
-with a real ``cleanup()`` in a ``finally`` that cancellation cannot skip. A strategy swapped in by
-middleware ``before_process`` is prepared lazily (once, under a lock) and cleaned up with the others.
+fresh event loop per task and break loop-bound clients) - or, with ``ProcessorConfig.chunk_size``, one task
+run per chunk of consecutive items running the same per-item pipeline inside it - then a reduce task that
+builds the :class:`BatchResult` from in-process results and publishes artifacts, and one cleanup task per
+strategy with a real ``cleanup()`` in a ``finally`` that cancellation cannot skip. A strategy swapped in
+by middleware ``before_process`` is prepared lazily (once, under a lock) and cleaned up with the others.
 
 ``run_batch`` works from plain sync code (returns the result), from async code (``await`` it) and as a
 subflow of sync or async user flows. Its flow-run parameters store a compact description of ``items``
@@ -21,7 +22,7 @@ import inspect
 import logging
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar
 
@@ -50,11 +51,14 @@ from prefect_batchllm.core.tokens import normalize_usage
 from prefect_batchllm.prefect.artifacts import ProgressArtifact, slugify_key
 from prefect_batchllm.prefect.tasks import (
     BatchRun,
+    chunk_result_store,
     cleanup_strategy,
     close_run,
     configured_item_task,
     open_run,
     prepare_strategy,
+    process_chunk,
+    run_item_inline,
     safe_reason,
     summarize_batch,
 )
@@ -396,32 +400,53 @@ async def _middleware_on_error(
     return None
 
 
-async def _result_from_state(
-    state: Any, item: LLMWorkItem[Any, Any], run: BatchRun
+def _outcome(
+    value: Any, item: LLMWorkItem[Any, Any], run: BatchRun, *, replayed: bool
 ) -> tuple[WorkItemResult[Any, Any], Exception | None]:
-    """The item's WorkItemResult from its final task state (and the failure, if it failed)."""
+    """The item's WorkItemResult from what its execution returned or raised (and the failure, if any)."""
     ledger = run.ledger(item.item_id)
+    if isinstance(value, AttemptFailed):
+        return _failed(item, ledger, value, value.category, value.message), value
+    if isinstance(value, Exception):
+        return _failed(item, ledger, value, "unknown"), value
+    if not isinstance(value, WorkItemResult):
+        error = TypeError(f"item task returned {type(value).__name__}, not a WorkItemResult")
+        return _failed(item, ledger, error, "fatal"), error
+    result = WorkItemResult(**{f.name: getattr(value, f.name) for f in fields(WorkItemResult)})
+    result.context = item.context
+    if replayed:
+        # Loaded from an earlier run's persisted result: nothing was requested or billed now.
+        result.replayed = True
+        result.metadata = {**result.metadata, "replayed_token_usage": dict(result.token_usage)}
+        result.token_usage = normalize_usage(None)
+        result.attempts = 0
+        result.duration_s = 0.0
+    return result, None
+
+
+async def _execute_as_task(
+    item_task: Any, item: LLMWorkItem[Any, Any], run: BatchRun
+) -> tuple[WorkItemResult[Any, Any], Exception | None]:
+    """Per-item mode: one task run (Prefect retries, Prefect's result cache)."""
+    state = await item_task(item_id=item.item_id, item=quote(item), run_key=run.key, return_state=True)
     if state.is_completed():
-        value = await state.aresult()
-        if not isinstance(value, WorkItemResult):
-            error = TypeError(f"item task returned {type(value).__name__}, not a WorkItemResult")
-            return _failed(item, ledger, error, "fatal"), error
-        result = WorkItemResult(**{f.name: getattr(value, f.name) for f in fields(WorkItemResult)})
-        result.context = item.context
-        if state.name == "Cached" and ledger.attempts == 0:
-            # Loaded from an earlier run's persisted result: nothing was requested or billed now.
-            result.replayed = True
-            result.metadata = {**result.metadata, "replayed_token_usage": dict(result.token_usage)}
-            result.token_usage = normalize_usage(None)
-            result.attempts = 0
-            result.duration_s = 0.0
-        return result, None
+        replayed = state.name == "Cached" and run.ledger(item.item_id).attempts == 0
+        return _outcome(await state.aresult(), item, run, replayed=replayed)
     exc = await state.aresult(raise_on_failure=False)
     if not isinstance(exc, Exception):
         exc = RuntimeError(str(state.message or state.name))
-    if isinstance(exc, AttemptFailed):
-        return _failed(item, ledger, exc, exc.category, exc.message), exc
-    return _failed(item, ledger, exc, "unknown"), exc
+    return _outcome(exc, item, run, replayed=False)
+
+
+async def _execute_inline(
+    item: LLMWorkItem[Any, Any], run: BatchRun
+) -> tuple[WorkItemResult[Any, Any], Exception | None]:
+    """Chunked mode: inside the chunk's task run (same retries and persisted results)."""
+    try:
+        value, replayed = await run_item_inline(item, run)
+    except AttemptFailed as failure:
+        return _outcome(failure, item, run, replayed=False)
+    return _outcome(value, item, run, replayed=replayed)
 
 
 def _failed(
@@ -512,10 +537,10 @@ async def _run_batch(
             )
         await ensure_prepared(current.strategy)
         await events.emit(ProcessingEvent.ITEM_STARTED, {"item_id": item.item_id, "index": index})
-        state = await item_task(
-            item_id=current.item_id, item=quote(current), run_key=run.key, return_state=True
-        )
-        result, error = await _result_from_state(state, current, run)
+        if config.chunk_size is None:
+            result, error = await _execute_as_task(item_task, current, run)
+        else:
+            result, error = await _execute_inline(current, run)
         if result.success and not result.replayed:
             result = await _middleware_after(mws, result)
         elif not result.success and error is not None:
@@ -578,6 +603,34 @@ async def _run_batch(
         for index, item in pending:  # shared iterator: each item is taken by exactly one worker
             await run_one(index, item)
 
+    in_flight = asyncio.Semaphore(config.max_workers)  # chunked mode: items in flight across all chunks
+
+    async def run_items(start: int, stop: int) -> list[WorkItemResult[Any, Any]]:
+        """Chunked mode, called by the chunk's task: items ``[start, stop)``; returns the failures."""
+
+        async def gated(index: int) -> None:
+            async with in_flight:
+                await run_one(index, items[index])
+
+        async with asyncio.TaskGroup() as group:
+            for index in range(start, stop):
+                group.create_task(gated(index))
+        return [r for r in results[start:stop] if r is not None and not r.success]
+
+    async def chunk_worker(starts: Iterator[int], size: int) -> None:
+        for start in starts:  # shared iterator: each chunk is taken by exactly one worker
+            stop = min(start + size, total)
+            label = f"chunk-{start // size + 1}: {items[start].item_id} .. {items[stop - 1].item_id}"
+            state = await process_chunk(
+                label=label, start=start, stop=stop, run_key=run.key, return_state=True
+            )
+            for index in range(start, stop):  # a chunk that crashed before its items ran loses none of them
+                if results[index] is None:
+                    item = items[index]
+                    reason = f"chunk task ended {state.name}: {state.message or 'no message'}"
+                    error = RuntimeError(reason)
+                    results[index] = _failed(item, run.ledger(item.item_id), error, "unknown", reason)
+
     try:
         open_run(run)
         prefix = await _artifact_prefix(config)
@@ -589,8 +642,17 @@ async def _run_batch(
             await _prepare_all(run, strategies)
         ready.update(id(s) for s in strategies)
         async with asyncio.TaskGroup() as group:
-            for _ in range(min(config.max_workers, total)):
-                group.create_task(worker())
+            if config.chunk_size is None:
+                for _ in range(min(config.max_workers, total)):
+                    group.create_task(worker())
+            else:
+                # Enough chunks open to keep max_workers busy, plus one to overlap a chunk's slow tail.
+                size = config.chunk_size
+                run.result_store = await chunk_result_store(config)
+                run.run_items = run_items
+                starts = iter(range(0, total, size))
+                for _ in range(min(-(-config.max_workers // size) + 1, -(-total // size))):
+                    group.create_task(chunk_worker(starts, size))
     finally:
         try:
             if not config.dry_run:
@@ -619,7 +681,7 @@ async def _run_batch(
 run_batch: BatchFlow = BatchFlow(
     _run_batch,
     name="run-batch",
-    description="Run a batch of LLM work items, one Prefect task run per item.",
+    description="Run a batch of LLM work items, one Prefect task run per item (or per chunk of items).",
     validate_parameters=False,
     log_prints=False,
 )

@@ -6,6 +6,10 @@ logical attempt (attempt number = Prefect's ``run_count``); retries are Prefect'
 survive those retries (the item's ``RetryState``, billed tokens, counters) lives in an in-memory
 :class:`BatchRun` registry keyed by a per-flow-invocation id, never in task parameters.
 
+Chunked mode (``ProcessorConfig.chunk_size``): ``process_chunk`` is one task run per chunk of items; each
+item inside it goes through :func:`run_item_inline`, the same attempt (:func:`attempt_item`), retry policy
+and persisted-result key and store as ``process_item``, so the two modes replay each other's results.
+
 Successful item results are persisted under a key built from (item_id, sha256 of the prompt, strategy
 fingerprint) and *not* the flow-run id, so a retried or repeated run loads completed items instead of
 paying for them again; failed runs write no cache entry.
@@ -14,18 +18,23 @@ paying for them again; failed runs write no cache entry.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import logging
+import random
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
+from prefect.logging import get_run_logger
+from prefect.results import ResultStore, get_result_store
 
 from prefect_batchllm.core.admission import Admission
 from prefect_batchllm.core.attempt import AttemptFailed, ItemLedger, run_attempt
@@ -41,12 +50,17 @@ logger = logging.getLogger("prefect_batchllm")
 __all__ = [
     "BatchRun",
     "ItemCachePolicy",
+    "ChunkItemsFailed",
+    "attempt_item",
+    "chunk_result_store",
     "cleanup_strategy",
     "configured_item_task",
     "get_run",
     "item_cache_key",
     "prepare_strategy",
+    "process_chunk",
     "process_item",
+    "run_item_inline",
     "summarize_batch",
 ]
 
@@ -74,6 +88,10 @@ class BatchRun:
     prepare_errors: dict[int, str] = field(default_factory=dict)  # id(strategy) -> reason
     prepared: set[int] = field(default_factory=set)
     cleaned: set[int] = field(default_factory=set)
+    #: Chunked mode: where item results are persisted (the store ``process_item`` would use), if at all.
+    result_store: ResultStore | None = None
+    #: Chunked mode: runs the flow's per-item pipeline for items ``[start, stop)``; returns the failures.
+    run_items: Callable[[int, int], Awaitable[list[WorkItemResult[Any, Any]]]] | None = None
 
     def ledger(self, item_id: str) -> ItemLedger:
         ledger = self.ledgers.get(item_id)
@@ -206,25 +224,18 @@ def _attempt_number() -> int:
     return int(run_count) if run_count else 1
 
 
-@task(
-    name="process-item",
-    task_run_name="{item_id}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retry_condition_fn=_retry_if_retryable,
-)
-async def process_item(item_id: str, item: LLMWorkItem[Any, Any], run_key: str) -> WorkItemResult[Any, Any]:
-    """One attempt of one item (Prefect retries re-enter here with the next attempt number).
+async def attempt_item(item: LLMWorkItem[Any, Any], run: BatchRun, attempt: int) -> WorkItemResult[Any, Any]:
+    """Logical attempt ``attempt`` of one item, in either execution mode.
 
-    Returns the successful :class:`WorkItemResult` (without ``context``, which is re-attached in the
-    flow, so user context is never persisted); raises :class:`AttemptFailed` otherwise.
+    Returns the successful :class:`WorkItemResult` (without ``context``, which is re-attached in the flow,
+    so user context is never persisted); raises a quiet :class:`AttemptFailed` otherwise.
     """
-    run = get_run(run_key)
+    item_id = item.item_id
     ledger = run.ledger(item_id)
-    attempt = _attempt_number()
     prepare_error = run.prepare_errors.get(id(item.strategy))
     if prepare_error is not None:
         ledger.attempts = max(ledger.attempts, 1)
+        ledger.finished_at = time.monotonic()
         info = ErrorInfo(ErrorCategory.FATAL, False, reason=prepare_error)
         failure = AttemptFailed(item_id, attempt, info, f"strategy prepare() failed: {prepare_error}")
         ledger.last_error = failure
@@ -269,6 +280,108 @@ async def process_item(item_id: str, item: LLMWorkItem[Any, Any], run_key: str) 
         model=item.strategy.model_name,
         metadata=dict(success.metadata),
     )
+
+
+@task(
+    name="process-item",
+    task_run_name="{item_id}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retry_condition_fn=_retry_if_retryable,
+)
+async def process_item(item_id: str, item: LLMWorkItem[Any, Any], run_key: str) -> WorkItemResult[Any, Any]:
+    """One attempt of one item (Prefect retries re-enter here with the next attempt number)."""
+    return await attempt_item(item, get_run(run_key), _attempt_number())
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunked execution: one task run per chunk, items inside it retried and persisted here
+
+
+class ChunkItemsFailed(Exception):
+    """A chunk's task run ends Failed when any of its items failed; the batch still returns every result."""
+
+
+@task(name="process-chunk", task_run_name="{label}", cache_policy=NO_CACHE, persist_result=False)
+async def process_chunk(label: str, start: int, stop: int, run_key: str) -> int:
+    """Run items ``[start, stop)`` of the batch concurrently (each still bounded by ``max_workers``)."""
+    run = get_run(run_key)
+    if run.run_items is None:
+        raise RuntimeError("process_chunk: this batch run is not in chunked mode")
+    failed = await run.run_items(start, stop)
+    if failed:
+        categories = collections.Counter(r.error_category or "unknown" for r in failed)
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(categories.items()))
+        shown = ", ".join(r.item_id for r in failed[:10]) + (", ..." if len(failed) > 10 else "")
+        raise ChunkItemsFailed(f"{len(failed)} of {stop - start} items failed ({counts}): {shown}")
+    return stop - start
+
+
+async def chunk_result_store(config: ProcessorConfig) -> ResultStore | None:
+    """The result store ``process_item`` would persist to, so both modes replay each other's results."""
+    if not config.persist_results or config.dry_run:
+        return None
+    return await get_result_store().aupdate_for_task(configured_item_task(config))
+
+
+async def _load_persisted(store: ResultStore, key: str) -> WorkItemResult[Any, Any] | None:
+    """The persisted result under ``key`` if present, readable and unexpired (else ``None``, like Prefect)."""
+    try:
+        record = await store.aread(key)
+    except Exception:  # missing or unreadable: execute the item again, as Prefect's cache lookup does
+        return None
+    expiration = record.metadata.expiration
+    if expiration is not None and expiration <= datetime.now(UTC):
+        return None
+    value = record.result
+    return value if isinstance(value, WorkItemResult) else None
+
+
+def retry_delay(config: ProcessorConfig, attempt: int, retry_after: float | None) -> float:
+    """Back-off after failed attempt ``attempt``: ``RetryConfig``'s delay (+-50 % jitter), at least the
+    provider's ``retry_after``."""
+    delays = config.retry.delays() or [0.0]
+    delay = delays[min(attempt - 1, len(delays) - 1)]
+    if config.retry.jitter:
+        delay *= random.uniform(1.0 - _JITTER_FACTOR, 1.0 + _JITTER_FACTOR)
+    return max(delay, retry_after or 0.0)
+
+
+async def run_item_inline(
+    item: LLMWorkItem[Any, Any], run: BatchRun
+) -> tuple[WorkItemResult[Any, Any], bool]:
+    """Chunked mode: every attempt of one item inside the chunk's task run; ``(result, replayed)``.
+
+    Same retry policy as the per-item task (classifier-gated, ``RetryConfig`` back-off, at least the
+    provider's delay) and the same persisted-result key, store and expiration. Raises the final
+    :class:`AttemptFailed`.
+    """
+    store, config = run.result_store, run.config
+    key = item_cache_key(item) if store is not None else None
+    if store is not None and key is not None and not config.refresh_cache:
+        persisted = await _load_persisted(store, key)
+        if persisted is not None:
+            return persisted, True
+    attempt = 1
+    while True:
+        try:
+            result = await attempt_item(item, run, attempt)
+            break
+        except AttemptFailed as failure:
+            if not failure.retryable or attempt >= config.retry.max_attempts:
+                raise
+            delay = retry_delay(config, attempt, failure.retry_after)
+            get_run_logger().info(
+                "%s: attempt %d failed (%s); retrying in %.1f s", item.item_id, attempt, failure, delay
+            )
+            await asyncio.sleep(delay)
+            attempt += 1
+    if store is not None and key is not None:
+        expiration = None
+        if config.cache_expiration_s is not None:
+            expiration = datetime.now(UTC) + timedelta(seconds=config.cache_expiration_s)
+        await store.awrite(obj=result, key=key, expiration=expiration)
+    return result, False
 
 
 def configured_item_task(config: ProcessorConfig) -> Any:
