@@ -7,12 +7,12 @@ the same quota over a sliding 60 s window and answers 429 beyond it. Cases (the 
 * ``b``: 3,000 RPM, 5,000 items, 200 ms latency
 * ``c``: TPM-bound: 60,000 input tokens/min, 100-token prompts (600 requests/min), 1,000 items
 
-``--mode limiter`` (default) runs an async Prefect flow with one task run per item, each admitted by the
-:class:`GlobalRateLimiter`, so limit writes compete with task-run event writes as in production (and on
-2 vCPUs Prefect's per-task cost caps case b). ``--mode limiter-no-tasks`` admits plain coroutines inside
-one flow run: the limiter alone. ``--mode run_batch`` runs the library's ``run_batch`` flow with
-``GeminiStrategy`` (one task run per item); ``--mode run_batch-chunked`` the same with
-``ProcessorConfig(chunk_size=100)``. ``--mode naive`` is the baseline the issue warns about:
+Modes. ``run_batch-chunked`` (default) is the product end to end: the library's ``run_batch`` flow with
+``GeminiStrategy`` and ``ProcessorConfig(chunk_size=100)``, limits from ``ProcessorConfig.rate_limit``.
+``run_batch`` is the same with one task run per item (on 2 vCPUs Prefect's per-task-run cost, not the
+limiter, caps case b there). ``limiter`` admits one bare task run per item with the
+:class:`GlobalRateLimiter` (limit writes compete with task-run event writes); ``limiter-no-tasks`` admits
+plain coroutines inside one flow run: the limiter alone. ``naive`` is the baseline the issue warns about:
 ``rate_limit()`` + ``concurrency()`` around every call.
 
 The clock is the provider's: from the first request it receives to the last response it sends (flow
@@ -21,7 +21,8 @@ everything against a real ``prefect server start`` (SQLite; or the URL in ``--ap
 e.g. a PostgreSQL-backed server). ``--scale 0.2`` shrinks item counts for a quick look.
 
     python -m benchmarks.run                   # a, b, c on the ephemeral API
-    python -m benchmarks.run --server          # ... and on a real server
+    python -m benchmarks.run --server          # ... and on a real server (what `make bench` runs)
+    python -m benchmarks.run --mode run_batch  # one task run per item
     python -m benchmarks.run --cases a --mode naive --scale 0.15
 """
 
@@ -212,13 +213,17 @@ async def _drive_run_batch(
     from prefect_batchllm import GeminiModel, GeminiStrategy, ProcessorConfig, run_batch
     from prefect_batchllm.core.items import LLMWorkItem
 
-    strategy = GeminiStrategy(GeminiModel(MODEL, emulator.client()))
+    client = emulator.client()
+    strategy = GeminiStrategy(GeminiModel(MODEL, client))
     limits = _config(case, f"bench-{uuid.uuid4().hex[:8]}")
     config = ProcessorConfig(
         max_workers=case.workers, rate_limit=limits, persist_results=False, chunk_size=chunk_size
     )
     work = [LLMWorkItem(item_id=f"i{i}", strategy=strategy, prompt=_prompt(case, i)) for i in range(items)]
-    result = await run_batch(work, config=config)
+    try:
+        result = await run_batch(work, config=config)
+    finally:
+        await client.aio.aclose()
     return result.succeeded, None
 
 
@@ -311,7 +316,7 @@ async def _run_all(cases: list[Case], mode: str, backend: str, scale: float) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="a,b,c", help="comma-separated subset of a,b,c")
-    parser.add_argument("--mode", choices=sorted(DRIVERS), default="limiter")
+    parser.add_argument("--mode", choices=sorted(DRIVERS), default="run_batch-chunked")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply item counts (quick runs)")
     parser.add_argument("--server", action="store_true", help="also run against `prefect server start`")
     parser.add_argument("--server-only", action="store_true", help="only the real server")

@@ -68,6 +68,7 @@ def table_config(
     max_attempts: int,
     fail_on_item_failure: bool,
     artifact_key: str | None,
+    chunk_size: int | None = None,
 ) -> ProcessorConfig:
     """The batch settings of a table job (results are always persisted: that is what makes reruns cheap)."""
     return ProcessorConfig(
@@ -79,6 +80,7 @@ def table_config(
         fail_on_item_failure=fail_on_item_failure,
         persist_results=True,
         artifact_key=artifact_key,
+        chunk_size=chunk_size,
     )
 
 
@@ -134,13 +136,15 @@ def enrich_table(
     max_workers: int = 8,
     max_attempts: int = 3,
     fail_on_item_failure: bool = True,
+    chunk_size: int | None = None,
 ) -> dict[str, Any]:
     """Add LLM output columns to every row of ``input_path`` and write the table to ``output_path``.
 
     ``output_schema`` is ``{"field": "type", ...}`` (str, int, float, bool, date, datetime, list[str]...)
     or ``"package.module:Model"`` for a pydantic model (one column per field); ``None`` adds a text
     ``output`` column. Rows are identified by ``id_column`` (or the row index), which is what lets a later
-    run skip rows that already succeeded.
+    run skip rows that already succeeded. ``chunk_size`` runs one task run per that many rows instead of
+    one per row (for tables of many thousands of rows).
     """
     log = get_run_logger()
     template = load_prompt_template(prompt_template, prompt_template_path)
@@ -153,6 +157,7 @@ def enrich_table(
         max_attempts=max_attempts,
         fail_on_item_failure=fail_on_item_failure,
         artifact_key=prefix,
+        chunk_size=chunk_size,
     )
     df = read_table(input_path)
     frame, result = enrich_frame(

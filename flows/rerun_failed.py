@@ -142,6 +142,7 @@ def rerun_failed(flow_run_id: str, fail_on_item_failure: bool = True) -> dict[st
         max_attempts=int(params.get("max_attempts") or 3),
         fail_on_item_failure=fail_on_item_failure,
         artifact_key=prefix,
+        chunk_size=params.get("chunk_size"),
     )
     frame, result = enrich_frame(
         df,

@@ -86,7 +86,7 @@ def test_unknown_config_field_names_it_and_suggests() -> None:
 def test_chunk_size_selects_chunked_execution_and_execution_is_not_a_setting() -> None:
     assert ProcessorConfig().chunk_size is None  # one task run per item by default
     assert ProcessorConfig(chunk_size=200).chunk_size == 200
-    with pytest.raises(TypeError, match="unknown config field 'execution'.*chunk_size"):
+    with pytest.raises(TypeError, match=r"unknown config field 'execution'.*chunk_size"):
         ProcessorConfig(execution="chunked")  # type: ignore[call-arg]
 
 

@@ -435,7 +435,8 @@ def shard_main(argv: list[str]) -> int:
     return 0 if result.failed == 0 else 1
 
 
-async def test_run_batch_at_the_quota_has_zero_429s(prefect_api: str) -> None:
+@pytest.mark.parametrize("chunk_size", [None, 16], ids=["per-item", "chunked"])
+async def test_run_batch_at_the_quota_has_zero_429s(prefect_api: str, chunk_size: int | None) -> None:
     """The limiter through the real flow: every item admitted by the global limits before its attempt."""
     from prefect_batchllm import GeminiModel, GeminiStrategy, LLMWorkItem, run_batch
     from prefect_batchllm.testing import GeminiEmulator
@@ -451,6 +452,7 @@ async def test_run_batch_at_the_quota_has_zero_429s(prefect_api: str) -> None:
         config = ProcessorConfig(
             max_workers=16,
             persist_results=False,
+            chunk_size=chunk_size,
             rate_limit=RateLimitConfig(
                 requests_per_minute=rpm, limit_prefix=_prefix(), quota_window_seconds=window
             ),

@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar
 from prefect import Flow
 from prefect._internal.compatibility.async_dispatch import is_in_async_context
 from prefect.context import FlowRunContext
+from prefect.logging import get_run_logger
 from prefect.utilities.annotations import quote
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.utilities.callables import get_call_parameters
@@ -72,6 +73,9 @@ TInput = TypeVar("TInput")
 TOutput = TypeVar("TOutput")
 TContext = TypeVar("TContext")
 
+#: Above this many items in per-item mode the flow suggests ``chunk_size`` (measured: ~11 items/s with a
+#: rate limit on a 2-vCPU SQLite setup where chunks sustained 45/s).
+_CHUNK_HINT_ITEMS = 2000
 #: Item ids shown in the stored flow-run parameters (the rest is summarised).
 _PARAM_IDS_SHOWN = 20
 
@@ -638,6 +642,13 @@ async def _run_batch(
         item_task = configured_item_task(config)
         await progress.start()
         await events.emit(ProcessingEvent.BATCH_STARTED, {"total": total, "max_workers": config.max_workers})
+        if config.chunk_size is None and total > _CHUNK_HINT_ITEMS:
+            get_run_logger().info(
+                "%d items run as %d task runs; Prefect's per-task-run cost may bound throughput. "
+                "ProcessorConfig(chunk_size=200) runs one task run per 200 items with the same guarantees",
+                total,
+                total,
+            )
         if not config.dry_run:
             await _prepare_all(run, strategies)
         ready.update(id(s) for s in strategies)

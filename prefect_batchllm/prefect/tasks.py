@@ -369,6 +369,8 @@ async def run_item_inline(
             break
         except AttemptFailed as failure:
             if not failure.retryable or attempt >= config.retry.max_attempts:
+                # The chunk's run log gets one line per failed item (per-item mode has a Failed task run).
+                get_run_logger().warning("%s failed after %d attempt(s): %s", item.item_id, attempt, failure)
                 raise
             delay = retry_delay(config, attempt, failure.retry_after)
             get_run_logger().info(
