@@ -37,6 +37,15 @@ Mechanism: each process runs one *reserve loop per limit* on its own thread and 
   ~90-120 increments, 2-3 leases).
 * End to end (``make bench``: ``run_batch`` + ``GeminiStrategy`` over the SDK, ``chunk_size=100``, zero
   429s; achieved / ideal, ephemeral API / ``prefect server start``): 600 RPM x 1,000 items 0.917 / 0.917;
+  3,000 RPM x 5,000 items 0.901 / 0.909; TPM-bound 0.941 / 0.934, against a window-budget ceiling of
+  ~0.94 (below). With one task run per item the 600 RPM case reaches 0.89-0.93, but at 3,000 RPM only
+  0.22-0.34 (~11-16 items/s, where the same flow without a limit runs 60 items/s): increments then take
+  1-6 s behind ~50 task runs/s of event writes on SQLite, and reserving further ahead did not help
+  (measured) because slots held longer than ``HOLD_SECONDS`` must be returned. Hence ``chunk_size`` for
+  high-rate batches on SQLite. On a PostgreSQL-backed server one task run per item reaches 0.997 at
+  3,000 RPM (1,000 items; ``benchmarks/postgres.sh --cases b --mode run_batch --scale 0.2``).
+* End to end (``make bench``: ``run_batch`` + ``GeminiStrategy`` over the SDK, ``chunk_size=100``, zero
+  429s; achieved / ideal, ephemeral API / ``prefect server start``): 600 RPM x 1,000 items 0.917 / 0.917;
   3,000 RPM x 5,000 items 0.901 / 0.909; TPM-bound 0.941 / 0.934. The ceiling is the window budget
   below (~0.94 on these runs), not the server round trips. With one task run per item the 600 RPM case
   reaches 0.89-0.93, but at 3,000 RPM the flow manages ~11 items/s (0.22): per-task-run work, not admission.
