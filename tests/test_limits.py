@@ -465,7 +465,7 @@ async def test_run_batch_at_the_quota_has_zero_429s(prefect_api: str, chunk_size
 
 
 async def test_run_batch_with_a_missing_operator_managed_limit_fails_before_any_item(
-    prefect_api: str, monkeypatch: pytest.MonkeyPatch
+    prefect_api: str,
 ) -> None:
     from prefect_batchllm import LLMWorkItem, run_batch
     from prefect_batchllm.strategies.direct import DirectCallStrategy
@@ -476,15 +476,37 @@ async def test_run_batch_with_a_missing_operator_managed_limit_fails_before_any_
         calls.append(prompt)
         return prompt, {}
 
-    config = ProcessorConfig(rate_limit=RateLimitConfig(requests_per_minute=60, limit_prefix=_prefix()))
-    # ensure=False: the limits must already exist (an operator manages them); they do not.
-    from prefect_batchllm.prefect import limits as limits_module
-
-    original = limits_module.admission_for
-    monkeypatch.setattr(limits_module, "admission_for", lambda cfg, **kw: original(cfg, ensure=False))
+    # manage_limits=False: the limits must already exist (an operator manages them); they do not.
+    limits = RateLimitConfig(requests_per_minute=60, limit_prefix=_prefix(), manage_limits=False)
     with pytest.raises(RateLimitConfigurationError, match=r"does not exist \(strict\)"):
-        await run_batch([LLMWorkItem("m-1", DirectCallStrategy(call), "hello")], config)
+        await run_batch(
+            [LLMWorkItem("m-1", DirectCallStrategy(call), "hello")], ProcessorConfig(rate_limit=limits)
+        )
     assert calls == []
+
+
+async def test_run_batch_uses_operator_managed_limits_without_changing_them(prefect_api: str) -> None:
+    from prefect_batchllm import LLMWorkItem, run_batch
+    from prefect_batchllm.prefect.limits import read_rate_limits
+    from prefect_batchllm.strategies.direct import DirectCallStrategy
+
+    async def call(prompt: str, attempt: int, timeout: float) -> tuple[str, dict[str, int]]:
+        return prompt.upper(), {}
+
+    prefix = _prefix()
+    operator = RateLimitConfig(requests_per_minute=600, max_in_flight=4, limit_prefix=prefix)
+    await aensure_rate_limits(operator)
+    before = {lim.name: (lim.limit, lim.slot_decay_per_second) for lim in await read_rate_limits(prefix)}
+
+    job = RateLimitConfig(
+        requests_per_minute=6000, max_in_flight=64, limit_prefix=prefix, manage_limits=False
+    )
+    items = [LLMWorkItem(f"o-{i}", DirectCallStrategy(call), f"op {i}") for i in range(12)]
+    result = await run_batch(items, ProcessorConfig(max_workers=8, persist_results=False, rate_limit=job))
+
+    assert result.succeeded == 12
+    after = {lim.name: (lim.limit, lim.slot_decay_per_second) for lim in await read_rate_limits(prefix)}
+    assert after == before and len(before) == 2  # the job's own numbers never reached the server
 
 
 @pytest.fixture(scope="module")

@@ -133,6 +133,12 @@ class RateLimitConfig:
     consecutive 429s grow it by ``backoff_multiplier`` up to ``max_cooldown_seconds``; after a pause,
     ``slow_start_items`` admissions ramp back up. ``quota_window_seconds`` is the window the provider
     counts its quota over; the limiter keeps every such window within quota.
+
+    ``manage_limits=True`` creates or updates the limits from this config when a batch starts (jobs sharing
+    a prefix then set it to whichever config started last). ``manage_limits=False`` leaves them to an
+    operator (``prefect-batchllm limits apply``): they must exist, enabled and of the right kind, or the
+    batch fails before any item runs. The request/token/in-flight fields then only say which limits the
+    job needs; their sizes come from the server.
     """
 
     requests_per_minute: float | None = None
@@ -146,6 +152,7 @@ class RateLimitConfig:
     slow_start_initial_delay: float = 0.5
     slow_start_final_delay: float = 0.0
     quota_window_seconds: float = 60.0  # the provider's quota window (Gemini: per minute)
+    manage_limits: bool = True  # create/update the limits at flow start; False: an operator manages them
 
     def __post_init__(self) -> None:
         self.validate()

@@ -1334,7 +1334,10 @@ class GlobalRateLimiter:
 
 
 def admission_for(config: ProcessorConfig, **options: Any) -> Admission:
-    """The admission for a batch: :class:`GlobalRateLimiter` when a limit is set, else ``Unlimited``."""
+    """The admission for a batch: :class:`GlobalRateLimiter` when a limit is set, else ``Unlimited``.
+
+    The limiter creates/updates the limits at start unless ``rate_limit.manage_limits`` is False."""
     if config.dry_run or not config.rate_limit.enabled:
         return Unlimited()
+    options.setdefault("ensure", config.rate_limit.manage_limits)
     return GlobalRateLimiter(config.rate_limit, **options)
