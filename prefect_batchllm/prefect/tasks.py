@@ -302,9 +302,12 @@ class ChunkItemsFailed(Exception):
     """A chunk's task run ends Failed when any of its items failed; the batch still returns every result."""
 
 
-@task(name="process-chunk", task_run_name="{label}", cache_policy=NO_CACHE, persist_result=False)
+@task(name="process-chunk", task_run_name="{label}", cache_policy=NO_CACHE, persist_result=False, retries=0)
 async def process_chunk(label: str, start: int, stop: int, run_key: str) -> int:
-    """Run items ``[start, stop)`` of the batch concurrently (each still bounded by ``max_workers``)."""
+    """Run items ``[start, stop)`` of the batch concurrently (each still bounded by ``max_workers``).
+
+    Never retried as a whole (``retries=0`` whatever the defaults): items retry individually inside.
+    """
     run = get_run(run_key)
     if run.run_items is None:
         raise RuntimeError("process_chunk: this batch run is not in chunked mode")
