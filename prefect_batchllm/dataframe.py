@@ -760,7 +760,7 @@ def _enrich_dataframe(
 enrich_dataframe: _FrameFlow = _FrameFlow(
     _enrich_dataframe,
     name="enrich-dataframe",
-    description="Add LLM outputs to every row of a DataFrame (one Prefect task run per row).",
+    description="Add LLM outputs to every row of a DataFrame (one Prefect task run per row, or per chunk).",
     validate_parameters=False,
     # Not persisted, so a retried parent flow runs this again (completed rows load from their item results).
     persist_result=False,

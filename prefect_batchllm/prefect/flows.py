@@ -660,7 +660,7 @@ async def _run_batch(
             else:
                 # Enough chunks open to keep max_workers busy, plus one to overlap a chunk's slow tail.
                 size = config.chunk_size
-                run.result_store = await chunk_result_store(config)
+                run.result_store = await chunk_result_store(item_task)
                 run.run_items = run_items
                 starts = iter(range(0, total, size))
                 for _ in range(min(-(-config.max_workers // size) + 1, -(-total // size))):

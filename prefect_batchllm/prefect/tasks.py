@@ -320,11 +320,12 @@ async def process_chunk(label: str, start: int, stop: int, run_key: str) -> int:
     return stop - start
 
 
-async def chunk_result_store(config: ProcessorConfig) -> ResultStore | None:
-    """The result store ``process_item`` would persist to, so both modes replay each other's results."""
-    if not config.persist_results or config.dry_run:
+async def chunk_result_store(item_task: Any) -> ResultStore | None:
+    """The result store ``item_task`` (from :func:`configured_item_task`) persists to, if it persists at all:
+    chunked mode writes there too, so both modes replay each other's results."""
+    if not item_task.persist_result:
         return None
-    return await get_result_store().aupdate_for_task(configured_item_task(config))
+    return await get_result_store().aupdate_for_task(item_task)
 
 
 async def _load_persisted(store: ResultStore, key: str) -> WorkItemResult[Any, Any] | None:
