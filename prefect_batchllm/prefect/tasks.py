@@ -361,33 +361,36 @@ async def run_item_inline(
     :class:`AttemptFailed`.
     """
     store, config = run.result_store, run.config
-    key = item_cache_key(item) if store is not None else None
-    if store is not None and key is not None and not config.refresh_cache:
-        persisted = await _load_persisted(store, key)
-        if persisted is not None:
+    if store is not None:
+        key = item_cache_key(item)
+        if not config.refresh_cache and (persisted := await _load_persisted(store, key)) is not None:
             return persisted, True
-    attempt = 1
-    while True:
-        try:
-            result = await attempt_item(item, run, attempt)
-            break
-        except AttemptFailed as failure:
-            if not failure.retryable or attempt >= config.retry.max_attempts:
-                # The chunk's run log gets one line per failed item (per-item mode has a Failed task run).
-                get_run_logger().warning("%s failed after %d attempt(s): %s", item.item_id, attempt, failure)
-                raise
-            delay = retry_delay(config, attempt, failure.retry_after)
-            get_run_logger().info(
-                "%s: attempt %d failed (%s); retrying in %.1f s", item.item_id, attempt, failure, delay
-            )
-            await asyncio.sleep(delay)
-            attempt += 1
-    if store is not None and key is not None:
+    result = await _attempt_with_retries(item, run)
+    if store is not None:
         expiration = None
         if config.cache_expiration_s is not None:
             expiration = datetime.now(UTC) + timedelta(seconds=config.cache_expiration_s)
         await store.awrite(obj=result, key=key, expiration=expiration)
     return result, False
+
+
+async def _attempt_with_retries(item: LLMWorkItem[Any, Any], run: BatchRun) -> WorkItemResult[Any, Any]:
+    """Attempts 1..max_attempts of one item in this task run, retrying what the classifier allows."""
+    attempt = 1
+    while True:
+        try:
+            return await attempt_item(item, run, attempt)
+        except AttemptFailed as failure:
+            if not failure.retryable or attempt >= run.config.retry.max_attempts:
+                # The chunk's run log gets one line per failed item (per-item mode has a Failed task run).
+                get_run_logger().warning("%s failed after %d attempt(s): %s", item.item_id, attempt, failure)
+                raise
+            delay = retry_delay(run.config, attempt, failure.retry_after)
+            get_run_logger().info(
+                "%s: attempt %d failed (%s); retrying in %.1f s", item.item_id, attempt, failure, delay
+            )
+            await asyncio.sleep(delay)
+            attempt += 1
 
 
 def configured_item_task(config: ProcessorConfig) -> Any:
