@@ -9,7 +9,9 @@ quota binds within a short test; the limiter is told the same window (``quota_wi
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -430,6 +432,9 @@ def shard_main(argv: list[str]) -> int:
     )
     strategy = GeminiStrategy(GeminiModel(MODEL, lambda: _genai_client(base_url)), lambda r: r.text)
     items = [LLMWorkItem(f"{tag}-{i}", strategy, f"{tag} item {i}") for i in range(int(count))]
+    summary = logging.getLogger("prefect_batchllm.limits")  # its closing line says how often it was denied
+    summary.setLevel(logging.INFO)
+    summary.addHandler(logging.StreamHandler(sys.stdout))
     result = run_batch(items, config)  # the product path, called from plain sync code
     print(f"{tag}: {result.succeeded}/{result.total_items} ok", flush=True)
     return 0 if result.failed == 0 else 1
@@ -566,7 +571,9 @@ def test_two_processes_share_one_quota(real_server: str) -> None:
             spans.append((min(times), max(times)))
         overlap = min(spans[0][1], spans[1][1]) - max(spans[0][0], spans[1][0])
         assert overlap > window, (spans, outputs)
-        # ... and together they were held to the quota, which either alone would have overrun,
-        # and to one in-flight limit (each process may use all of it when the other is idle).
-        assert emulator.max_in_window(window) >= allowance // 2
+        # ... and the shared quota bound them: the server refused increments because the bucket was
+        # full (evidence that holds on a slow machine, unlike a throughput floor), and one in-flight limit
+        # held both (each process may use all of it when the other is idle).
+        denied = [int(n) for n in re.findall(r"\((\d+) denied\)", "".join(outputs))]
+        assert len(denied) == 2 and sum(denied) > 0, outputs
         assert _peak_in_flight(emulator) <= workers

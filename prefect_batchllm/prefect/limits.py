@@ -24,11 +24,13 @@ Mechanism: each process runs one *reserve loop per limit* on its own thread and 
   most what is free; if too little is free it sleeps until the block has decayed (computed from
   ``active_slots``, ``updated`` and the decay, aimed just past a decay step). Up to
   ``MAX_OUTSTANDING_WRITES`` increments are in flight, staggered, to hide slow writes. Slots go straight
-  to waiters; slots unused after ``HOLD_SECONDS`` are returned (one coalesced decrement per second at
-  most). Tokens are reserved from the estimate and reconciled with the reported usage: over-estimates
-  become credit returned to the limit (or netted against the next block), under-estimates are charged
-  with the next block (debt), so the server-side ledger stays exact. RPM and TPM are granted together
-  (atomic per admission, strict FIFO); RPM is reserved only for callers whose tokens are reserved.
+  to waiters; slots unused after ``HOLD_SECONDS`` expire and are left to decay, never returned or
+  re-used (a late return cancels another process's fresh slot on the server; a late use lands outside
+  the window the bucket budgeted). A caller that picks its permit up more than ``SEND_GRACE_SECONDS``
+  after that (a busy or descheduled loop) drops it and asks again. Tokens are reserved from the
+  estimate and reconciled with the reported usage: under-estimates are charged with the next block
+  (debt), over-estimates only cancel debt. RPM and TPM are granted together (atomic per admission,
+  strict FIFO), reserved only for callers that hold an in-flight slot and (RPM) whose tokens are reserved.
 * **In flight** (``<prefix>-inflight``, no decay): slots are leased in chunks (``lease_duration`` =
   ``LEASE_SECONDS``: Prefect requires >= 60; renewed at half-life), handed out locally, kept while this
   process has callers, returned after ``IDLE_LEASE_SECONDS`` without any; rotated when another process
@@ -104,11 +106,17 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from http import HTTPStatus
 from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 import httpx
+from prefect.client.schemas.responses import (
+    ConcurrencyLimitWithLeaseResponse,
+    MinimalConcurrencyLimitResponse,
+)
 from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+from pydantic import TypeAdapter
 
 from prefect_batchllm.core.admission import Admission, Permit, Unlimited
 from prefect_batchllm.core.config import ProcessorConfig, RateLimitConfig
@@ -130,7 +138,8 @@ __all__ = [
 logger = logging.getLogger("prefect_batchllm.limits")
 
 BURST_FRACTION = 0.06  # capacity of a decaying limit, as a share of one quota window's allowance
-HOLD_SECONDS = 1.0  # reserved RPM/TPM slots not handed out within this long are returned
+HOLD_SECONDS = 1.0  # reserved RPM/TPM slots not handed out within this long expire unused
+SEND_GRACE_SECONDS = 0.25  # a permit picked up later than HOLD + this after its slot was reserved is refused
 BLOCK_SECONDS = 1.0  # largest block reserved at once, in seconds of the limit's rate
 PHASE_MARGIN = 0.15  # aim an increment this fraction of a slot past a decay step
 LEASE_SECONDS = 120.0  # in-flight lease duration (Prefect requires >= 60); renewed at half-life
@@ -143,6 +152,8 @@ RATE_WINDOW_SECONDS = 2.0  # admissions over this window size the next block
 MAX_OUTSTANDING_WRITES = 2  # increments of one limit in flight at once (hides slow SQLite writes)
 
 Kind = Literal["rpm", "tpm", "inflight"]
+#: The Prefect client returns the raw response of the v2 increment endpoints; these are Prefect's own models.
+_INCREMENTED = TypeAdapter(list[MinimalConcurrencyLimitResponse])
 _T = TypeVar("_T")
 
 
@@ -299,7 +310,9 @@ class LimiterStats:
     gcl_reads: int = 0
     gcl_increments: int = 0
     gcl_denied: int = 0
-    gcl_returns: int = 0  # decrements: unused slots and token over-estimates given back
+    gcl_returns: int = 0  # decrements (token debt paid by credit is not a decrement)
+    expired: dict[str, int] = field(default_factory=lambda: {"rpm": 0, "tpm": 0})  # reserved, never used
+    stale_permits: int = 0  # permits the caller picked up too late to send within the window budget
     leases_acquired: int = 0
     leases_released: int = 0
     gcl_seconds: float = 0.0  # total time spent waiting for limit updates (increments)
@@ -324,15 +337,23 @@ class _Waiter:
 class _GlobalPermit:
     """One admitted attempt. ``release`` is idempotent; both methods are safe from any thread."""
 
-    __slots__ = ("_core", "_reconciled", "_released", "generation", "lease", "tokens")
+    __slots__ = ("_core", "_reconciled", "_released", "generation", "lease", "reserved_at", "tokens")
 
-    def __init__(self, core: _Core, tokens: int, lease: _Lease | None, generation: int) -> None:
+    def __init__(
+        self, core: _Core, tokens: int, lease: _Lease | None, generation: int, reserved_at: float | None
+    ) -> None:
         self._core = core
         self.tokens = tokens
         self.lease = lease
         self.generation = generation
+        #: ``time.monotonic()`` when the oldest RPM/TPM slot behind this permit was reserved (None: no decay).
+        self.reserved_at = reserved_at
         self._released = False
         self._reconciled = False
+
+    def stale(self, now: float) -> bool:
+        """Picked up too late: a request sent now could land outside the window budget of its slot."""
+        return self.reserved_at is not None and now - self.reserved_at > HOLD_SECONDS + SEND_GRACE_SECONDS
 
     def reconcile(self, actual_tokens: int | None) -> None:
         if self._reconciled or actual_tokens is None:
@@ -429,8 +450,7 @@ class _DecayPool(_Pool):
         super().__init__(core, kind, name)
         self.avail = 0
         self.lots: deque[list[float]] = deque()  # [reserved_at, remaining], oldest first
-        self.pending = 0  # + debt to charge, - slots/tokens to give back
-        self._returned_at = -math.inf
+        self.debt = 0  # tokens used beyond their reservation, charged with a later increment
         self.outstanding = 0  # slots requested by increments still in flight
         self._writes: set[asyncio.Task[None]] = set()
 
@@ -445,9 +465,11 @@ class _DecayPool(_Pool):
             self.kick()
         return self.avail >= self.need_of(waiter)
 
-    def take(self, waiter: _Waiter) -> None:
+    def take(self, waiter: _Waiter) -> float:
+        """Hand ``waiter`` its slots (oldest first); returns when the oldest of them was reserved."""
         n = self.need_of(waiter)
         self.avail -= n
+        reserved_at = self.lots[0][0]
         while n > 0 and self.lots:
             lot = self.lots[0]
             used = min(n, int(lot[1]))
@@ -456,36 +478,32 @@ class _DecayPool(_Pool):
             if lot[1] <= 0:
                 self.lots.popleft()
         if self.kind == "tpm" and waiter.tokens > self.limit:  # larger than one block: charge the rest
-            self.pending += waiter.tokens - self.limit
+            self.debt += waiter.tokens - self.limit
+        return reserved_at
 
     def adjust(self, delta: int) -> None:
-        """Reconciliation: + under-estimate (debt), - over-estimate (give back)."""
-        self.pending += delta
+        """Reconciliation: an under-estimate (+) is debt charged later; an over-estimate (-) only cancels
+        debt. Surplus is never given back: see :meth:`_expire` for why a late return breaks the quota."""
+        self.debt = max(0, self.debt + delta)
         self.kick()
 
     def shortage(self) -> int:
         return max(0, self.core.demand(self) - self.avail - self.outstanding)
 
     def _expire(self, now: float) -> float | None:
-        """Return stale reserved slots to ``pending``; the time of the next expiry, if any."""
-        hold = HOLD_SECONDS
-        while self.lots and now - self.lots[0][0] >= hold:
+        """Drop reserved slots not handed out within ``HOLD_SECONDS``; the time of the next expiry, if any.
+
+        They are left to decay on the server, never returned and never re-used. The server applies a
+        decrement to what is active *now* (``max(0, active_after_decay - n)``): a slot returned after it
+        had decayed cancels somebody else's fresh slot, and a slot re-used late counts where the provider
+        sees it, not where the bucket did. Either lets a provider window overflow (the 429 seen under CPU
+        load in ``test_two_processes_share_one_quota``).
+        """
+        while self.lots and now - self.lots[0][0] >= HOLD_SECONDS:
             stale = int(self.lots.popleft()[1])
             self.avail -= stale
-            self.pending -= stale
-        return self.lots[0][0] + hold if self.lots else None
-
-    async def _give_back(self) -> None:
-        """Return owed slots (stale reservations, token over-estimates) in one decrement."""
-        amount = -self.pending
-        if amount <= 0:
-            return
-        await self.core.client.release_concurrency_slots(
-            names=[self.name], slots=amount, occupancy_seconds=HOLD_SECONDS
-        )
-        self.core.stats.gcl_returns += 1
-        self.pending += amount
-        self._returned_at = time.monotonic()
+            self.core.stats.expired[self.kind] += stale
+        return self.lots[0][0] + HOLD_SECONDS if self.lots else None
 
     async def step(self) -> None:
         now = time.monotonic()
@@ -493,14 +511,9 @@ class _DecayPool(_Pool):
         short = self.shortage()
         paused = self.core.paused(now)
         if short <= 0 or paused:
-            if self.pending < 0 and now - self._returned_at >= BLOCK_SECONDS:
-                await self._give_back()  # at most one write per second for returns
-            elif self.pending > 0 and not self.core.waiters:
+            if self.debt > 0 and not self.core.waiters:
                 await self._charge_debt()
             wake = next_expiry - now if next_expiry is not None else None
-            if self.pending < 0:
-                due = max(0.01, self._returned_at + BLOCK_SECONDS - now)
-                wake = due if wake is None else min(wake, due)
             if paused:
                 resume = self.core.paused_until - now
                 wake = resume if wake is None else min(wake, resume)
@@ -517,16 +530,11 @@ class _DecayPool(_Pool):
         supply = math.ceil(self.decay * horizon)
         expected = math.ceil(1.5 * self.core.grant_rate(self) * horizon) - self.avail
         want = min(self.limit, max(head, short, min(supply, expected)))
-        if self.pending < 0 and want <= -self.pending:
-            # Slots we owe the limit anyway (returned as if never taken, and taken again now): no write.
-            self.pending += want
-            self._reserved(want)
-            return
         if len(self._writes) >= MAX_OUTSTANDING_WRITES:
             await asyncio.wait(self._writes, return_when=asyncio.FIRST_COMPLETED)
             return
-        # Negative debt is credit that shrinks the increment (only settled by one write at a time).
-        debt = 0 if self._writes else min(self.pending, self.limit - want)
+        # Debt rides along with the block (settled by one write at a time).
+        debt = 0 if self._writes else min(self.debt, self.limit - want)
         lim = await self.read()
         # What decays while our write is queued is left for the next one.
         free = lim.limit - lim.active_slots - self.outstanding
@@ -538,14 +546,10 @@ class _DecayPool(_Pool):
                 # Too little free to be worth a server write: sleep until a block (at most half the
                 # capacity, so the bucket cannot overflow meanwhile) has decayed, then take it without
                 # reading again (a 423 only means another process was first; we read next time).
-                take = max(head, min(want, self.limit // 2))
+                take = max(1, head, min(want, self.limit // 2))
                 early = self.core.write_rtt * 0.5
                 needed = take + debt + self.outstanding
                 await asyncio.sleep(max(0.0, self._seconds_until_free(lim, needed) - early))
-        if take + debt <= 0:  # the credit covers it
-            self.pending += take
-            self._reserved(take)
-            return
         # Limit writes can wait seconds for SQLite's write lock: keep up to MAX_OUTSTANDING_WRITES in
         # flight (staggered by half a write), so slots that decay meanwhile are taken by the next one.
         self.outstanding += take
@@ -580,7 +584,7 @@ class _DecayPool(_Pool):
             self.avail,
         )
         if granted:
-            self.pending -= debt
+            self.debt -= debt
             self._reserved(take)
         else:
             self.kick()
@@ -593,9 +597,9 @@ class _DecayPool(_Pool):
 
     async def _charge_debt(self) -> None:
         lim = await self.read()
-        amount = min(self.pending, lim.limit - lim.active_slots, lim.limit)
+        amount = min(self.debt, lim.limit - lim.active_slots, lim.limit)
         if amount > 0 and await self._increment(amount):
-            self.pending -= amount
+            self.debt -= amount
 
     def _seconds_until_free(self, lim: Any, n: int) -> float:
         """When ``n`` slots will be free, aimed just past a decay step (``floor()`` on the server)."""
@@ -619,31 +623,24 @@ class _DecayPool(_Pool):
                 response = await self.core.client.increment_concurrency_slots(
                     names=[self.name], slots=n, mode="rate_limit"
                 )
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code == 423:
+        except httpx.HTTPStatusError as exc:  # what Prefect's own acquire helpers catch
+            if exc.response.status_code == HTTPStatus.LOCKED:  # no room now: not an error
                 self.core.stats.gcl_denied += 1
                 return False
-            if exc.response.status_code == 422:
-                raise RateLimitConfigurationError(
-                    f"limit {self.name!r} refused {n} slots: {exc.response.text[:300]}"
-                ) from exc
+            if exc.response.status_code == HTTPStatus.UNPROCESSABLE_ENTITY:
+                raise RateLimitConfigurationError(f"limit {self.name!r} refused {n} slots: {exc}") from exc
             raise
-        if not response.json():  # strict: the server skips limits that do not exist
+        if not _INCREMENTED.validate_json(response.content):  # strict: the server skips missing limits
             raise self._missing()
         return True
 
     async def close(self) -> None:
+        """Stop; unused reserved slots are left to decay (returning them could cancel others' slots)."""
         await super().close()
         for write in list(self._writes):
             write.cancel()
-        returned = self.avail + max(0, -self.pending)
+        self.core.stats.expired[self.kind] += self.avail
         self.avail, self.lots = 0, deque()
-        if returned > 0:
-            with contextlib.suppress(Exception):
-                await self.core.client.release_concurrency_slots(
-                    names=[self.name], slots=returned, occupancy_seconds=HOLD_SECONDS
-                )
-                self.core.stats.gcl_returns += 1
 
 
 class _Lease:
@@ -742,21 +739,19 @@ class _LeasePool(_Pool):
                     names=[self.name], slots=n, mode="concurrency", lease_duration=LEASE_SECONDS
                 )
         except httpx.HTTPStatusError as exc:
-            if exc.response.status_code == 423:
+            if exc.response.status_code == HTTPStatus.LOCKED:
                 self.core.stats.gcl_denied += 1
                 return None
-            if exc.response.status_code == 422:
+            if exc.response.status_code == HTTPStatus.UNPROCESSABLE_ENTITY:
                 if self.limit == 0:
                     await self.read()
-                raise RateLimitConfigurationError(
-                    f"limit {self.name!r} refused {n} slots: {exc.response.text[:300]}"
-                ) from exc
+                raise RateLimitConfigurationError(f"limit {self.name!r} refused {n} slots: {exc}") from exc
             raise
-        body = response.json()
-        if not body.get("limits"):
+        granted = ConcurrencyLimitWithLeaseResponse.model_validate_json(response.content)
+        if not granted.limits:
             raise self._missing()
         self.core.stats.leases_acquired += 1
-        return _Lease(UUID(body["lease_id"]), n)
+        return _Lease(granted.lease_id, n)
 
     async def _renew_due(self, now: float) -> None:
         for lease in list(self.leases):
@@ -766,7 +761,7 @@ class _LeasePool(_Pool):
                 await self.core.client.renew_concurrency_lease(lease.id, lease_duration=LEASE_SECONDS)
                 lease.renew_at = now + LEASE_SECONDS / 2
             except httpx.HTTPStatusError as exc:
-                if exc.response.status_code in (404, 410):
+                if exc.response.status_code in (HTTPStatus.NOT_FOUND, HTTPStatus.GONE):
                     logger.warning("in-flight lease %s on %s was lost (server restart?)", lease.id, self.name)
                     self.leases.remove(lease)
                 else:
@@ -934,9 +929,15 @@ class _Core:
         """
         total = 0
         tokens_left = self.tpm.avail if self.tpm is not None and pool is self.rpm else None
+        # RPM/TPM slots expire unused after HOLD_SECONDS: reserve only for callers with an in-flight slot.
+        seats = self.inflight.free() if self.inflight is not None and pool is not self.inflight else None
         for waiter in self.waiters:
             if waiter.future.done():
                 continue
+            if seats is not None:
+                if seats <= 0:
+                    break
+                seats -= 1
             if tokens_left is not None and self.tpm is not None:
                 tokens = self.tpm.need_of(waiter)
                 if tokens > tokens_left:
@@ -1013,17 +1014,18 @@ class _Core:
             self._wake.clear()
 
     def _grant(self, waiter: _Waiter, now: float) -> None:
-        if self.rpm is not None:
-            self.rpm.take(waiter)
-        if self.tpm is not None:
-            self.tpm.take(waiter)
+        stamps = [pool.take(waiter) for pool in (self.rpm, self.tpm) if pool is not None]
         lease = self.inflight.take() if self.inflight is not None else None
         self.last_grant = now
         self.recent.append((now, waiter.tokens))
         if self.ramp_left > 0:
             self.ramp_left -= 1
         self.stats.admitted += 1
-        waiter.future.set_result(_GlobalPermit(self, waiter.tokens, lease, self.generation))
+        permit = _GlobalPermit(self, waiter.tokens, lease, self.generation, min(stamps, default=None))
+        waiter.future.set_result(permit)
+
+    def count_stale_permit(self) -> None:
+        self.stats.stale_permits += 1
 
     def give_inflight(self, lease: _Lease) -> None:
         if self.inflight is not None:
@@ -1293,11 +1295,18 @@ class GlobalRateLimiter:
         await _observe(started)
 
     async def admit(self, estimated_tokens: int) -> Permit:
+        """Wait for one attempt's slots. A permit this caller picks up too late (its loop was busy or
+        descheduled) is dropped and asked for again: sent now, it could overrun the provider's window."""
         thread, core, started = self._boot()
         await _observe(started)
-        permit = await _await_threadsafe(
-            thread.submit(core.admit(estimated_tokens)), lambda p: p.release_nowait()
-        )
+        while True:
+            permit = await _await_threadsafe(
+                thread.submit(core.admit(estimated_tokens)), lambda p: p.release_nowait()
+            )
+            if not permit.stale(time.monotonic()):
+                break
+            permit.release_nowait()
+            core.call(core.count_stale_permit)
         _current_permit.set(permit)
         return permit
 
@@ -1313,7 +1322,7 @@ class GlobalRateLimiter:
             self._core.call(self._core.report_success)
 
     async def aclose(self) -> None:
-        """Return unused slots and leases to the server and stop the limiter thread (idempotent)."""
+        """Return in-flight leases, stop the limiter thread and log a summary line (idempotent)."""
         with self._lock:
             if self._closed:
                 return
@@ -1324,6 +1333,19 @@ class GlobalRateLimiter:
         with contextlib.suppress(Exception):
             await asyncio.wrap_future(thread.submit(core.close()))
         await asyncio.get_running_loop().run_in_executor(None, thread.stop)
+        s = self.stats
+        logger.info(
+            "rate limiter %r: %d admitted, %d limit increments (%d denied), %d slots expired unused, "
+            "%d late permits refused, %d pauses (%.1f s)",
+            self.config.limit_prefix,
+            s.admitted,
+            s.gcl_increments,
+            s.gcl_denied,
+            sum(s.expired.values()),
+            s.stale_permits,
+            s.pauses + s.remote_pauses,
+            s.paused_seconds,
+        )
 
     async def __aenter__(self) -> GlobalRateLimiter:
         await self.start()
