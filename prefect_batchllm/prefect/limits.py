@@ -310,6 +310,7 @@ class LimiterStats:
     gcl_reads: int = 0
     gcl_increments: int = 0
     gcl_denied: int = 0
+    bucket_full: int = 0  # times callers waited for the bucket to decay: the quota, not demand, was the bound
     gcl_returns: int = 0  # decrements (token debt paid by credit is not a decrement)
     expired: dict[str, int] = field(default_factory=lambda: {"rpm": 0, "tpm": 0})  # reserved, never used
     stale_permits: int = 0  # permits the caller picked up too late to send within the window budget
@@ -547,6 +548,7 @@ class _DecayPool(_Pool):
                 # capacity, so the bucket cannot overflow meanwhile) has decayed, then take it without
                 # reading again (a 423 only means another process was first; we read next time).
                 take = max(1, head, min(want, self.limit // 2))
+                self.core.stats.bucket_full += 1
                 early = self.core.write_rtt * 0.5
                 needed = take + debt + self.outstanding
                 await asyncio.sleep(max(0.0, self._seconds_until_free(lim, needed) - early))
@@ -1335,12 +1337,13 @@ class GlobalRateLimiter:
         await asyncio.get_running_loop().run_in_executor(None, thread.stop)
         s = self.stats
         logger.info(
-            "rate limiter %r: %d admitted, %d limit increments (%d denied), %d slots expired unused, "
-            "%d late permits refused, %d pauses (%.1f s)",
+            "rate limiter %r: %d admitted, %d limit increments (%d denied), bucket full %d times, "
+            "%d slots expired unused, %d late permits refused, %d pauses (%.1f s)",
             self.config.limit_prefix,
             s.admitted,
             s.gcl_increments,
             s.gcl_denied,
+            s.bucket_full,
             sum(s.expired.values()),
             s.stale_permits,
             s.pauses + s.remote_pauses,
