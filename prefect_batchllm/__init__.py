@@ -49,6 +49,9 @@ _EXPORTS: dict[str, str] = {
     "GeminiCredentials": "prefect_batchllm.prefect.blocks",
     "GeminiCachedModelBlock": "prefect_batchllm.prefect.blocks",
     "ensure_rate_limits": "prefect_batchllm.prefect.limits",
+    # cost before the run
+    "estimate_batch": "prefect_batchllm.estimate",
+    "BatchEstimate": "prefect_batchllm.estimate",
     # data pipelines
     "enrich_dataframe": "prefect_batchllm.dataframe",
     "read_table": "prefect_batchllm.dataframe",

@@ -1,0 +1,353 @@
+"""What a batch will cost, before it runs: ``estimate_batch(items)``.
+
+Input tokens are counted by the provider itself (Gemini's ``countTokens`` through the real SDK,
+``client.aio.models.count_tokens``), never sent for generation and never billed:
+
+* **Small batches** (at most ``sample_size`` items) are counted exactly, item by item.
+* **Large batches**: a seeded random sample of ``sample_size`` items is counted and the totals are scaled by
+  ``items / sample_size`` (the report says so, with a 95 % interval for the input tokens).
+* A :class:`~prefect_batchllm.models.gemini.GeminiCachedModel`'s cached content (and its system
+  instruction) is counted once per model, added to every item's input, and billed at the model's cached
+  rate, as Gemini bills it. A plain model's system instruction is counted once and added to each item.
+* Output tokens cannot be counted before the answers exist: ``output_tokens_per_item`` if given, else the
+  strategy's ``max_output_tokens`` (an upper bound), else :data:`DEFAULT_OUTPUT_TOKENS` (stated as an
+  assumption in the report).
+* Strategies without a Gemini model (pydantic-ai agents, direct calls) are estimated at ~4 characters per
+  token, labelled as such.
+
+Prices come from :mod:`prefect_batchllm.core.pricing` (genai-prices, ``register_price`` overrides win).
+Retries, correction prompts and replayed (already persisted) items are not accounted for.
+
+``estimate_batch`` returns a :class:`BatchEstimate` from plain code and an awaitable from async code (like
+``run_batch``); ``print(estimate)`` shows the dry-run report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect_batchllm.core.items import LLMWorkItem
+from prefect_batchllm.core.pricing import ModelPrice, price_for, price_source
+from prefect_batchllm.core.tokens import estimate_tokens
+
+__all__ = ["DEFAULT_OUTPUT_TOKENS", "DEFAULT_SAMPLE_SIZE", "BatchEstimate", "ModelEstimate", "estimate_batch"]
+
+#: Batches up to this many items are counted exactly; larger ones through a sample of this size.
+DEFAULT_SAMPLE_SIZE = 200
+#: Output tokens assumed per item when neither ``output_tokens_per_item`` nor ``max_output_tokens`` is set.
+DEFAULT_OUTPUT_TOKENS = 500
+
+
+@dataclass
+class ModelEstimate:
+    """Expected tokens and cost of the items of one model (whole batch, extrapolated when sampled)."""
+
+    model: str
+    items: int = 0
+    input_tokens: int = 0  # cached tokens included, as Gemini reports ``promptTokenCount``
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    cost_without_cache_usd: float = 0.0
+    price: ModelPrice | None = None
+    price_source: str | None = None  # "genai-prices" | "override" | None (unpriced: cost 0)
+    token_source: str = "countTokens"  # or "heuristic (~4 chars/token)"
+    output_basis: str = ""
+
+
+@dataclass
+class BatchEstimate:
+    """Expected input/output tokens and USD cost of a batch (see the module doc for how it is counted)."""
+
+    items: int
+    counted_items: int
+    sampled: bool
+    seed: int | None
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    cost_without_cache_usd: float
+    #: 95 % interval of the input-token total when sampled (``None`` when counted exactly).
+    input_tokens_interval: tuple[int, int] | None = None
+    models: dict[str, ModelEstimate] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cache_savings_usd(self) -> float:
+        """What the cached-token discount saves against paying the full input rate."""
+        return max(0.0, self.cost_without_cache_usd - self.cost_usd)
+
+    @property
+    def unpriced_models(self) -> list[str]:
+        return sorted(name for name, m in self.models.items() if m.price is None)
+
+    def report(self) -> str:
+        """The dry-run report: what will be sent, how it was counted, expected tokens and cost."""
+        how = (
+            f"counted {self.counted_items} of {self.items} items (seeded sample, seed={self.seed}), scaled "
+            f"by {self.items / max(1, self.counted_items):.2f}"
+            if self.sampled
+            else f"counted all {self.items} items"
+        )
+        lines = [
+            f"Batch estimate: {self.items:,} items ({how})",
+            f"  input tokens:   {self.input_tokens:,}"
+            + (
+                f"  (95 % interval {self.input_tokens_interval[0]:,} .. {self.input_tokens_interval[1]:,})"
+                if self.input_tokens_interval
+                else ""
+            ),
+            f"    of which cached: {self.cached_input_tokens:,}",
+            f"  output tokens:  {self.output_tokens:,}",
+            f"  estimated cost: ${self.cost_usd:,.4f}"
+            + (f"  (cache saves ${self.cache_savings_usd:,.4f})" if self.cached_input_tokens else ""),
+        ]
+        for name, m in sorted(self.models.items()):
+            price = (
+                f"${m.price.input}/{m.price.output} per 1M in/out ({m.price_source})"
+                if m.price is not None
+                else "no price known (cost 0): register_price() it"
+            )
+            lines.append(
+                f"  - {name}: {m.items:,} items, {m.input_tokens:,} in ({m.cached_input_tokens:,} cached), "
+                f"{m.output_tokens:,} out, ${m.cost_usd:,.4f}; tokens by {m.token_source}; output: "
+                f"{m.output_basis}; {price}"
+            )
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.report()
+
+
+# --------------------------------------------------------------------------------------------------
+# Counting
+
+
+def _gemini_model(strategy: Any) -> Any:
+    """The strategy's ``GeminiModel`` (a ``GeminiStrategy``'s model), or ``None``."""
+    from prefect_batchllm.models.gemini import GeminiModel
+
+    model = getattr(strategy, "model", None)
+    return model if isinstance(model, GeminiModel) else None
+
+
+def _model_label(strategy: Any) -> str:
+    try:
+        name = strategy.model_name
+    except Exception:
+        name = None
+    return name if isinstance(name, str) and name else type(strategy).__name__
+
+
+def _output_basis(strategy: Any, output_tokens_per_item: int | None) -> tuple[int, str]:
+    if output_tokens_per_item is not None:
+        return output_tokens_per_item, f"{output_tokens_per_item} per item (given)"
+    config = getattr(strategy, "generation_config", None) or {}
+    limit = config.get("max_output_tokens") if isinstance(config, Mapping) else None
+    if isinstance(limit, int) and limit > 0:
+        return limit, f"{limit} per item (max_output_tokens: an upper bound)"
+    return DEFAULT_OUTPUT_TOKENS, (
+        f"{DEFAULT_OUTPUT_TOKENS} per item (assumed; pass output_tokens_per_item for a better estimate)"
+    )
+
+
+def _heuristic_tokens(prompt: Any) -> int:
+    if isinstance(prompt, str):
+        return estimate_tokens(prompt)
+    if isinstance(prompt, list | tuple):
+        return sum(_heuristic_tokens(p) for p in prompt)
+    text = getattr(prompt, "text", None)
+    return estimate_tokens(text) if isinstance(text, str) else 0
+
+
+class _Counter:
+    """Counts tokens with each model's own client; caches the once-per-model counts (cache, instruction)."""
+
+    def __init__(self, concurrency: int) -> None:
+        self._semaphore = asyncio.Semaphore(max(1, concurrency))
+        self._fixed: dict[int, asyncio.Task[tuple[int, int]]] = {}
+        self.requests = 0
+
+    async def _count(self, model: Any, contents: Any) -> int:
+        async with self._semaphore:
+            self.requests += 1
+            response = await model._client().aio.models.count_tokens(model=model.model, contents=contents)
+        return int(response.total_tokens or 0)
+
+    async def fixed(self, model: Any) -> tuple[int, int]:
+        """``(extra input tokens per request, of which cached)`` for ``model`` (counted once)."""
+        task = self._fixed.get(id(model))
+        if task is None:
+            task = self._fixed[id(model)] = asyncio.ensure_future(self._fixed_tokens(model))
+        return await task
+
+    async def _fixed_tokens(self, model: Any) -> tuple[int, int]:
+        from prefect_batchllm.models.gemini import GeminiCachedModel
+
+        instruction = getattr(model, "system_instruction", None)
+        extra = await self._count(model, instruction) if instruction else 0
+        if isinstance(model, GeminiCachedModel):
+            cached = extra + await self._count(model, model.cached_content)
+            return (
+                cached,
+                cached,
+            )  # the whole cache (content + its system instruction) bills at the cached rate
+        return extra, 0
+
+    async def item(self, item: LLMWorkItem[Any, Any]) -> tuple[int, int, bool]:
+        """``(input tokens, cached tokens, counted by the provider)`` of one item's request."""
+        model = _gemini_model(item.strategy)
+        if model is None:
+            return _heuristic_tokens(item.prompt), 0, False
+        fixed, cached = await self.fixed(model)
+        return await self._count(model, item.prompt) + fixed, cached, True
+
+
+def _check_items(items: Any) -> list[LLMWorkItem[Any, Any]]:
+    if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
+        raise TypeError(
+            f"estimate_batch: items must be a sequence of LLMWorkItem, got {type(items).__name__}"
+        )
+    listed = list(items)
+    if not listed:
+        raise ValueError("estimate_batch: the batch is empty; pass at least one LLMWorkItem")
+    for index, item in enumerate(listed):
+        if not isinstance(item, LLMWorkItem):
+            raise TypeError(
+                f"estimate_batch: items[{index}] is a {type(item).__name__}, expected an LLMWorkItem"
+            )
+    return listed
+
+
+async def aestimate_batch(
+    items: Sequence[LLMWorkItem[Any, Any]],
+    *,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    seed: int = 0,
+    output_tokens_per_item: int | None = None,
+    concurrency: int = 8,
+    prices: dict[str, ModelPrice] | None = None,
+) -> BatchEstimate:
+    """Async :func:`estimate_batch`."""
+    listed = _check_items(items)
+    if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
+        raise ValueError(f"estimate_batch: sample_size must be an int >= 1, got {sample_size!r}")
+    if output_tokens_per_item is not None and (
+        isinstance(output_tokens_per_item, bool)
+        or not isinstance(output_tokens_per_item, int)
+        or output_tokens_per_item < 0
+    ):
+        raise ValueError(
+            f"estimate_batch: output_tokens_per_item must be an int >= 0, got {output_tokens_per_item!r}"
+        )
+    total = len(listed)
+    sampled = total > sample_size
+    chosen = sorted(random.Random(seed).sample(range(total), sample_size)) if sampled else list(range(total))
+    counter = _Counter(concurrency)
+    counts = await asyncio.gather(*(counter.item(listed[i]) for i in chosen))
+    scale = total / len(chosen)
+
+    per_model: dict[str, dict[str, Any]] = {}
+    per_item_inputs: list[int] = []
+    for index, (input_tokens, cached, counted) in zip(chosen, counts, strict=True):
+        strategy = listed[index].strategy
+        label = _model_label(strategy)
+        slot = per_model.setdefault(
+            label,
+            {"items": 0, "input": 0, "cached": 0, "output": 0, "counted": counted, "strategy": strategy},
+        )
+        output, _ = _output_basis(strategy, output_tokens_per_item)
+        slot["items"] += 1
+        slot["input"] += input_tokens
+        slot["cached"] += cached
+        slot["output"] += output
+        slot["counted"] = slot["counted"] and counted
+        per_item_inputs.append(input_tokens)
+
+    models: dict[str, ModelEstimate] = {}
+    for label, slot in per_model.items():
+        price = price_for(label, prices)
+        inp, cached, out = (round(slot[k] * scale) for k in ("input", "cached", "output"))
+        estimate = ModelEstimate(
+            model=label,
+            items=round(slot["items"] * scale),
+            input_tokens=inp,
+            cached_input_tokens=cached,
+            output_tokens=out,
+            price=price,
+            price_source=price_source(label, prices),
+            token_source="countTokens" if slot["counted"] else "heuristic (~4 chars/token)",
+            output_basis=_output_basis(slot["strategy"], output_tokens_per_item)[1],
+        )
+        if price is not None:
+            estimate.cost_usd = price.cost(inp, out, cached)
+            estimate.cost_without_cache_usd = price.cost(inp, out, 0)
+        models[label] = estimate
+
+    interval: tuple[int, int] | None = None
+    notes: list[str] = []
+    input_total = sum(m.input_tokens for m in models.values())
+    if sampled:
+        n = len(per_item_inputs)
+        mean = sum(per_item_inputs) / n
+        variance = sum((x - mean) ** 2 for x in per_item_inputs) / max(1, n - 1)
+        half = 1.96 * math.sqrt(variance / n) * math.sqrt(max(0.0, 1 - n / total)) * total
+        interval = (max(0, round(input_total - half)), round(input_total + half))
+        notes.append(
+            f"extrapolated: {n} of {total} items counted (random sample, seed={seed}); totals scaled by "
+            f"{scale:.3f}"
+        )
+    notes.append("retries, correction prompts and items replayed from earlier runs are not included")
+    return BatchEstimate(
+        items=total,
+        counted_items=len(chosen),
+        sampled=sampled,
+        seed=seed if sampled else None,
+        input_tokens=input_total,
+        cached_input_tokens=sum(m.cached_input_tokens for m in models.values()),
+        output_tokens=sum(m.output_tokens for m in models.values()),
+        cost_usd=sum(m.cost_usd for m in models.values()),
+        cost_without_cache_usd=sum(m.cost_without_cache_usd for m in models.values()),
+        input_tokens_interval=interval,
+        models=models,
+        notes=notes,
+    )
+
+
+def estimate_batch(
+    items: Sequence[LLMWorkItem[Any, Any]],
+    *,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    seed: int = 0,
+    output_tokens_per_item: int | None = None,
+    concurrency: int = 8,
+    prices: dict[str, ModelPrice] | None = None,
+) -> BatchEstimate | Awaitable[BatchEstimate]:
+    """Expected input/output tokens and cost of running ``items`` (nothing is generated or billed).
+
+    Input tokens come from the provider's ``countTokens``: every item when there are at most
+    ``sample_size``, else a random sample of ``sample_size`` items (``seed``) scaled to the batch. Cached
+    tokens of a ``GeminiCachedModel`` are priced at its cached rate. Returns a :class:`BatchEstimate`
+    (``print()`` it for the report) from plain code, an awaitable from async code. ``concurrency`` bounds the
+    ``countTokens`` calls in flight; ``prices`` overrides prices for this estimate.
+    """
+    coro = aestimate_batch(
+        items,
+        sample_size=sample_size,
+        seed=seed,
+        output_tokens_per_item=output_tokens_per_item,
+        concurrency=concurrency,
+        prices=prices,
+    )
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    return coro
