@@ -571,6 +571,8 @@ async def _run_batch(
             # One item's unexpected error must not cancel the TaskGroup and lose every other result.
             logger.warning("item %s failed outside its task: %s", item.item_id, safe_reason(exc))
             result = _failed(item, run.ledger(item.item_id), exc, "unknown", safe_reason(exc))
+        if item.template is not None:  # every result records the prompt template it was made from
+            result.metadata = {**result.metadata, "prompt_template": item.template.as_dict()}
         results[index] = result
         if result.success:
             await events.emit(
