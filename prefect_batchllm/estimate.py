@@ -168,17 +168,37 @@ def _heuristic_tokens(prompt: Any) -> int:
 
 
 class _Counter:
-    """Counts tokens with each model's own client; caches the once-per-model counts (cache, instruction)."""
+    """Counts tokens with each model's own client; caches the once-per-model counts (cache, instruction).
 
-    def __init__(self, concurrency: int) -> None:
+    ``blocking=True`` (a call from plain code, on a private event loop) uses the SDK's synchronous client in
+    worker threads: a ``genai.Client``'s async pool is bound to the first loop that uses it, and the batch
+    itself will run on another loop, so the estimate must not touch it there.
+    """
+
+    def __init__(self, concurrency: int, *, blocking: bool = False) -> None:
         self._semaphore = asyncio.Semaphore(max(1, concurrency))
         self._fixed: dict[int, asyncio.Task[tuple[int, int]]] = {}
+        self._blocking = blocking
+        self._sync_clients: dict[int, Any] = {}
         self.requests = 0
+
+    def _sync_client(self, model: Any) -> Any:
+        client = self._sync_clients.get(id(model))
+        if client is None:
+            given = model.client
+            client = self._sync_clients[id(model)] = given if hasattr(given, "models") else given()
+        return client
 
     async def _count(self, model: Any, contents: Any) -> int:
         async with self._semaphore:
             self.requests += 1
-            response = await model._client().aio.models.count_tokens(model=model.model, contents=contents)
+            if self._blocking:
+                client = self._sync_client(model)
+                response = await asyncio.to_thread(
+                    client.models.count_tokens, model=model.model, contents=contents
+                )
+            else:
+                response = await model._client().aio.models.count_tokens(model=model.model, contents=contents)
         return int(response.total_tokens or 0)
 
     async def fixed(self, model: Any) -> tuple[int, int]:
@@ -210,12 +230,22 @@ class _Counter:
         return await self._count(model, item.prompt) + fixed, cached, True
 
 
-def _check_items(items: Any) -> list[LLMWorkItem[Any, Any]]:
+def _check_items(items: Any, strategy: Any = None) -> list[LLMWorkItem[Any, Any]]:
+    if strategy is not None and isinstance(items, Mapping):
+        items = [LLMWorkItem(item_id=str(k), strategy=strategy, prompt=v) for k, v in items.items()]
     if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
         raise TypeError(
-            f"estimate_batch: items must be a sequence of LLMWorkItem, got {type(items).__name__}"
+            f"estimate_batch: items must be a sequence of LLMWorkItem (or of prompts, with strategy=), "
+            f"got {type(items).__name__}"
         )
     listed = list(items)
+    if strategy is not None:
+        listed = [
+            p
+            if isinstance(p, LLMWorkItem)
+            else LLMWorkItem(item_id=f"item-{i:05d}", strategy=strategy, prompt=p)
+            for i, p in enumerate(listed)
+        ]
     if not listed:
         raise ValueError("estimate_batch: the batch is empty; pass at least one LLMWorkItem")
     for index, item in enumerate(listed):
@@ -234,9 +264,11 @@ async def aestimate_batch(
     output_tokens_per_item: int | None = None,
     concurrency: int = 8,
     prices: dict[str, ModelPrice] | None = None,
+    strategy: Any = None,
+    _blocking: bool = False,
 ) -> BatchEstimate:
     """Async :func:`estimate_batch`."""
-    listed = _check_items(items)
+    listed = _check_items(items, strategy)
     if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
         raise ValueError(f"estimate_batch: sample_size must be an int >= 1, got {sample_size!r}")
     if output_tokens_per_item is not None and (
@@ -250,7 +282,7 @@ async def aestimate_batch(
     total = len(listed)
     sampled = total > sample_size
     chosen = sorted(random.Random(seed).sample(range(total), sample_size)) if sampled else list(range(total))
-    counter = _Counter(concurrency)
+    counter = _Counter(concurrency, blocking=_blocking)
     counts = await asyncio.gather(*(counter.item(listed[i]) for i in chosen))
     scale = total / len(chosen)
 
@@ -329,6 +361,7 @@ def estimate_batch(
     output_tokens_per_item: int | None = None,
     concurrency: int = 8,
     prices: dict[str, ModelPrice] | None = None,
+    strategy: Any = None,
 ) -> BatchEstimate | Awaitable[BatchEstimate]:
     """Expected input/output tokens and cost of running ``items`` (nothing is generated or billed).
 
@@ -336,18 +369,19 @@ def estimate_batch(
     ``sample_size``, else a random sample of ``sample_size`` items (``seed``) scaled to the batch. Cached
     tokens of a ``GeminiCachedModel`` are priced at its cached rate. Returns a :class:`BatchEstimate`
     (``print()`` it for the report) from plain code, an awaitable from async code. ``concurrency`` bounds the
-    ``countTokens`` calls in flight; ``prices`` overrides prices for this estimate.
+    ``countTokens`` calls in flight; ``prices`` overrides prices for this estimate. With ``strategy=``,
+    ``items`` may also be plain prompts (a list, or a mapping of id to prompt), as for ``run_batch_prompts``.
     """
-    coro = aestimate_batch(
-        items,
-        sample_size=sample_size,
-        seed=seed,
-        output_tokens_per_item=output_tokens_per_item,
-        concurrency=concurrency,
-        prices=prices,
-    )
+    options: dict[str, Any] = {
+        "sample_size": sample_size,
+        "seed": seed,
+        "output_tokens_per_item": output_tokens_per_item,
+        "concurrency": concurrency,
+        "prices": prices,
+        "strategy": strategy,
+    }
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coro)
-    return coro
+        return asyncio.run(aestimate_batch(items, **options, _blocking=True))
+    return aestimate_batch(items, **options)

@@ -127,6 +127,22 @@ def test_from_plain_code_and_other_strategies(emulator: GeminiEmulator) -> None:
     assert other.token_source.startswith("heuristic") and other.input_tokens == 100
     assert other.price is None and other.model in estimate.unpriced_models
 
+    # Plain prompts with a strategy, as for run_batch_prompts.
+    prompts = estimate_batch(["a" * 40, "b" * 80], strategy=GeminiStrategy(model), output_tokens_per_item=1)
+    assert isinstance(prompts, BatchEstimate) and prompts.input_tokens == 10 + 20
+
+
+def test_plain_code_estimates_then_runs_with_the_same_client(emulator: GeminiEmulator) -> None:
+    """From plain code the estimate must not bind the model's client to a private event loop: estimating
+    twice and then running the batch with the very same ``genai.Client`` works, and they agree."""
+    items = _items(GeminiStrategy(GeminiModel(MODEL, emulator.client())), 12, seed=4)
+    first = estimate_batch(items)
+    second = estimate_batch(items)
+    assert isinstance(first, BatchEstimate) and isinstance(second, BatchEstimate)
+    assert first.input_tokens == second.input_tokens and emulator.count("countTokens") == 24
+    result = run_batch(items, ProcessorConfig(persist_results=False))
+    assert result.succeeded == 12 and _within(first.input_tokens, result.total_input_tokens)
+
 
 def test_bad_input_is_rejected_early() -> None:
     with pytest.raises(TypeError, match="LLMWorkItem"):
