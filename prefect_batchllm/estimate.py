@@ -12,8 +12,9 @@ Input tokens are counted by the provider itself (Gemini's ``countTokens`` throug
 * Output tokens cannot be counted before the answers exist: ``output_tokens_per_item`` if given, else the
   strategy's ``max_output_tokens`` (an upper bound), else :data:`DEFAULT_OUTPUT_TOKENS` (stated as an
   assumption in the report).
-* Strategies without a Gemini model (pydantic-ai agents, direct calls) are estimated at ~4 characters per
-  token, labelled as such.
+* A pydantic-ai agent on a Google model (``GoogleModel``) is counted with that model's ``genai.Client``
+  (the agent's instructions are not included). Other strategies (other providers, direct calls) are
+  estimated at ~4 characters per token, labelled as such.
 
 Prices come from :mod:`prefect_batchllm.core.pricing` (genai-prices, ``register_price`` overrides win).
 Retries, correction prompts and replayed (already persisted) items are not accounted for.
@@ -41,6 +42,7 @@ __all__ = ["DEFAULT_OUTPUT_TOKENS", "DEFAULT_SAMPLE_SIZE", "BatchEstimate", "Mod
 DEFAULT_SAMPLE_SIZE = 200
 #: Output tokens assumed per item when neither ``output_tokens_per_item`` nor ``max_output_tokens`` is set.
 DEFAULT_OUTPUT_TOKENS = 500
+_HEURISTIC = "heuristic (~4 chars/token)"
 
 
 @dataclass
@@ -130,12 +132,45 @@ class BatchEstimate:
 # Counting
 
 
-def _gemini_model(strategy: Any) -> Any:
-    """The strategy's ``GeminiModel`` (a ``GeminiStrategy``'s model), or ``None``."""
-    from prefect_batchllm.models.gemini import GeminiModel
+@dataclass(frozen=True, eq=False)
+class _Target:
+    """Where one strategy's requests go: a model name and a ``genai.Client`` (or a per-loop getter)."""
+
+    key: int  # identity of the model object (its once-per-model counts are shared)
+    model: str
+    client: Any  # a genai.Client, or a factory returning one
+    async_client: Any  # () -> the genai.Client to use on the running loop
+    instruction: Any = None
+    cached_content: Any = None  # a GeminiCachedModel's cached contents
+    source: str = "countTokens"
+
+
+def _target(strategy: Any) -> _Target | None:
+    """The countTokens target of a ``GeminiStrategy`` or of a pydantic-ai agent on a Google model."""
+    from prefect_batchllm.models.gemini import GeminiCachedModel, GeminiModel
 
     model = getattr(strategy, "model", None)
-    return model if isinstance(model, GeminiModel) else None
+    if isinstance(model, GeminiModel):
+        return _Target(
+            key=id(model),
+            model=model.model,
+            client=model.client,
+            async_client=model._client,
+            instruction=model.system_instruction,
+            cached_content=model.cached_content if isinstance(model, GeminiCachedModel) else None,
+        )
+    agent_model = getattr(getattr(strategy, "agent", None), "model", None)
+    client = getattr(agent_model, "client", None) if agent_model is not None else None
+    name = getattr(agent_model, "model_name", None)
+    if client is not None and hasattr(getattr(client, "aio", None), "models") and isinstance(name, str):
+        return _Target(
+            key=id(agent_model),
+            model=name,
+            client=client,
+            async_client=lambda: client,
+            source="countTokens (pydantic-ai agent; its instructions not counted)",
+        )
+    return None
 
 
 def _model_label(strategy: Any) -> str:
@@ -182,52 +217,48 @@ class _Counter:
         self._sync_clients: dict[int, Any] = {}
         self.requests = 0
 
-    def _sync_client(self, model: Any) -> Any:
-        client = self._sync_clients.get(id(model))
+    def _sync_client(self, target: _Target) -> Any:
+        client = self._sync_clients.get(target.key)
         if client is None:
-            given = model.client
-            client = self._sync_clients[id(model)] = given if hasattr(given, "models") else given()
+            given = target.client
+            client = self._sync_clients[target.key] = given if hasattr(given, "models") else given()
         return client
 
-    async def _count(self, model: Any, contents: Any) -> int:
+    async def _count(self, target: _Target, contents: Any) -> int:
         async with self._semaphore:
             self.requests += 1
             if self._blocking:
-                client = self._sync_client(model)
+                client = self._sync_client(target)
                 response = await asyncio.to_thread(
-                    client.models.count_tokens, model=model.model, contents=contents
+                    client.models.count_tokens, model=target.model, contents=contents
                 )
             else:
-                response = await model._client().aio.models.count_tokens(model=model.model, contents=contents)
+                client = target.async_client()
+                response = await client.aio.models.count_tokens(model=target.model, contents=contents)
         return int(response.total_tokens or 0)
 
-    async def fixed(self, model: Any) -> tuple[int, int]:
-        """``(extra input tokens per request, of which cached)`` for ``model`` (counted once)."""
-        task = self._fixed.get(id(model))
+    async def fixed(self, target: _Target) -> tuple[int, int]:
+        """``(extra input tokens per request, of which cached)`` for a model (counted once per model)."""
+        task = self._fixed.get(target.key)
         if task is None:
-            task = self._fixed[id(model)] = asyncio.ensure_future(self._fixed_tokens(model))
+            task = self._fixed[target.key] = asyncio.ensure_future(self._fixed_tokens(target))
         return await task
 
-    async def _fixed_tokens(self, model: Any) -> tuple[int, int]:
-        from prefect_batchllm.models.gemini import GeminiCachedModel
-
-        instruction = getattr(model, "system_instruction", None)
-        extra = await self._count(model, instruction) if instruction else 0
-        if isinstance(model, GeminiCachedModel):
-            cached = extra + await self._count(model, model.cached_content)
-            return (
-                cached,
-                cached,
-            )  # the whole cache (content + its system instruction) bills at the cached rate
+    async def _fixed_tokens(self, target: _Target) -> tuple[int, int]:
+        extra = await self._count(target, target.instruction) if target.instruction else 0
+        if target.cached_content is not None:
+            # The whole cache (its content and its system instruction) bills at the cached rate.
+            cached = extra + await self._count(target, target.cached_content)
+            return cached, cached
         return extra, 0
 
-    async def item(self, item: LLMWorkItem[Any, Any]) -> tuple[int, int, bool]:
-        """``(input tokens, cached tokens, counted by the provider)`` of one item's request."""
-        model = _gemini_model(item.strategy)
-        if model is None:
-            return _heuristic_tokens(item.prompt), 0, False
-        fixed, cached = await self.fixed(model)
-        return await self._count(model, item.prompt) + fixed, cached, True
+    async def item(self, item: LLMWorkItem[Any, Any]) -> tuple[int, int, str]:
+        """``(input tokens, cached tokens, how they were counted)`` of one item's request."""
+        target = _target(item.strategy)
+        if target is None:
+            return _heuristic_tokens(item.prompt), 0, _HEURISTIC
+        fixed, cached = await self.fixed(target)
+        return await self._count(target, item.prompt) + fixed, cached, target.source
 
 
 def _check_items(items: Any, strategy: Any = None) -> list[LLMWorkItem[Any, Any]]:
@@ -288,19 +319,19 @@ async def aestimate_batch(
 
     per_model: dict[str, dict[str, Any]] = {}
     per_item_inputs: list[int] = []
-    for index, (input_tokens, cached, counted) in zip(chosen, counts, strict=True):
+    for index, (input_tokens, cached, source) in zip(chosen, counts, strict=True):
         strategy = listed[index].strategy
         label = _model_label(strategy)
         slot = per_model.setdefault(
             label,
-            {"items": 0, "input": 0, "cached": 0, "output": 0, "counted": counted, "strategy": strategy},
+            {"items": 0, "input": 0, "cached": 0, "output": 0, "sources": set(), "strategy": strategy},
         )
         output, _ = _output_basis(strategy, output_tokens_per_item)
         slot["items"] += 1
         slot["input"] += input_tokens
         slot["cached"] += cached
         slot["output"] += output
-        slot["counted"] = slot["counted"] and counted
+        slot["sources"].add(source)
         per_item_inputs.append(input_tokens)
 
     models: dict[str, ModelEstimate] = {}
@@ -315,7 +346,7 @@ async def aestimate_batch(
             output_tokens=out,
             price=price,
             price_source=price_source(label, prices),
-            token_source="countTokens" if slot["counted"] else "heuristic (~4 chars/token)",
+            token_source=" + ".join(sorted(slot["sources"])),
             output_basis=_output_basis(slot["strategy"], output_tokens_per_item)[1],
         )
         if price is not None:

@@ -144,6 +144,23 @@ def test_plain_code_estimates_then_runs_with_the_same_client(emulator: GeminiEmu
     assert result.succeeded == 12 and _within(first.input_tokens, result.total_input_tokens)
 
 
+async def test_pydantic_ai_agents_on_google_models_are_counted_too(emulator: GeminiEmulator) -> None:
+    from pydantic_ai import Agent
+    from pydantic_ai.models.google import GoogleModel
+    from pydantic_ai.providers.google import GoogleProvider
+
+    from prefect_batchllm import PydanticAIStrategy
+
+    agent = Agent(GoogleModel(MODEL, provider=GoogleProvider(client=emulator.client())))
+    items = _items(PydanticAIStrategy(agent), 10, seed=5)
+    estimate = await estimate_batch(items, output_tokens_per_item=20)
+    assert emulator.count("countTokens") == 10
+    (model,) = estimate.models.values()
+    assert model.token_source.startswith("countTokens (pydantic-ai") and model.price is not None
+    result = await run_batch(items, ProcessorConfig(persist_results=False))
+    assert result.succeeded == 10 and _within(estimate.input_tokens, result.total_input_tokens)
+
+
 def test_bad_input_is_rejected_early() -> None:
     with pytest.raises(TypeError, match="LLMWorkItem"):
         asyncio.run(_await(estimate_batch(["a prompt"])))  # type: ignore[list-item]
