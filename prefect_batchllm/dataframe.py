@@ -44,7 +44,7 @@ from pydantic import BaseModel, create_model
 
 from prefect_batchllm.core.config import ProcessorConfig
 from prefect_batchllm.core.items import BatchResult, LLMWorkItem, WorkItemResult
-from prefect_batchllm.core.templates import PromptTemplate, TemplateRef
+from prefect_batchllm.core.templates import PromptTemplate, TemplateRef, load_prompt_template
 from prefect_batchllm.strategies.base import LLMCallStrategy
 
 if TYPE_CHECKING:
@@ -525,7 +525,7 @@ def _strategy(strategy: Any, model_block: Any, output_type: type[BaseModel] | No
 
 def _normalize(
     df: Any,
-    prompt_template: str | PromptTemplate | PromptFn | None,
+    prompt_template: str | PromptTemplate | os.PathLike[str] | PromptFn | None,
     prompt_fn: PromptFn | None,
     config: ProcessorConfig | None,
     output_type: Any,
@@ -533,6 +533,8 @@ def _normalize(
     """Type checks of the arguments; a callable given as ``prompt_template`` becomes ``prompt_fn``."""
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
+    if isinstance(prompt_template, os.PathLike):
+        prompt_template = load_prompt_template(prompt_template)
     if isinstance(prompt_template, PromptTemplate):
         prompt_template = prompt_template.text
     if callable(prompt_template) and not isinstance(prompt_template, str):
@@ -570,7 +572,7 @@ def _check_table(
 
 def enrich_frame(
     df: pd.DataFrame,
-    prompt_template: str | PromptTemplate | PromptFn | None = None,
+    prompt_template: str | PromptTemplate | os.PathLike[str] | PromptFn | None = None,
     strategy: Any = None,
     id_column: str | None = None,
     config: ProcessorConfig | None = None,
@@ -588,6 +590,8 @@ def enrich_frame(
     A :class:`~prefect_batchllm.core.templates.PromptTemplate` (``load_prompt_template(path)``) is recorded
     in every row's result metadata and the summary artifact, and is part of each row's cache key.
     """
+    if isinstance(prompt_template, os.PathLike):  # a template file (or a directory with one name)
+        prompt_template = load_prompt_template(prompt_template)
     template_ref = prompt_template.ref if isinstance(prompt_template, PromptTemplate) else None
     prompt_template, prompt_fn, config, output_type = _normalize(
         df, prompt_template, prompt_fn, config, output_type
@@ -736,7 +740,7 @@ class _FrameFlow(Flow):  # type: ignore[type-arg]
 
 def _enrich_dataframe(
     df: pd.DataFrame,
-    prompt_template: str | PromptTemplate | PromptFn | None = None,
+    prompt_template: str | PromptTemplate | os.PathLike[str] | PromptFn | None = None,
     strategy: Any = None,
     id_column: str | None = None,
     config: ProcessorConfig | None = None,
@@ -750,7 +754,8 @@ def _enrich_dataframe(
     ``attempts``, ``input_tokens``, ``output_tokens``, ``cached_tokens`` and ``replayed``.
 
     ``prompt_template`` is a ``str.format`` template over column names (checked before anything runs),
-    inline or a versioned :class:`~prefect_batchllm.core.templates.PromptTemplate` loaded from a file; or
+    inline, a versioned :class:`~prefect_batchllm.core.templates.PromptTemplate` or a ``pathlib.Path`` to a
+    template file; or
     pass ``prompt_fn(row) -> prompt``, also positionally. ``strategy`` is an ``LLMCallStrategy``, a
     ``GeminiCachedModelBlock`` (or ``model_block=``, object or saved block name) or an ``LLMModel``;
     with a block or model, ``output_type`` asks Gemini for JSON of that pydantic type. With

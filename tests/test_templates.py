@@ -230,8 +230,10 @@ def test_template_version_bump_reruns_exactly_the_rows(
     assert "| prompt template | catalogue@2 (5 items) |" in summary
 
 
-def test_enrich_dataframe_accepts_a_template_object(model_block: str, emulator: GeminiEmulator) -> None:
-    """``enrich_dataframe`` (the flow) takes a PromptTemplate; its stored parameter names the template."""
+def test_enrich_dataframe_accepts_a_template_object_or_path(
+    model_block: str, emulator: GeminiEmulator, tmp_path: Path
+) -> None:
+    """``enrich_dataframe`` (the flow) takes a PromptTemplate or a ``Path`` to a template file."""
     from prefect_batchllm import ProcessorConfig, enrich_dataframe
 
     tag = uuid.uuid4().hex[:8]
@@ -241,3 +243,11 @@ def test_enrich_dataframe_accepts_a_template_object(model_block: str, emulator: 
     )
     assert frame["success"].all() and frame.attrs["batchllm"]["prompt_template"]["version"] == "7"
     assert emulator.count("generateContent") == 3
+
+    path = tmp_path / "catalogue.md"
+    path.write_text(_template_file("catalogue", 8))
+    frame = enrich_dataframe(
+        _books(tag, 3), path, model_block=model_block, id_column="book_id", config=ProcessorConfig()
+    )
+    assert frame.attrs["batchllm"]["prompt_template"] == {"name": "catalogue", "version": "8"}
+    assert emulator.count("generateContent") == 6  # a new version: requested again
