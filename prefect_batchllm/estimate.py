@@ -111,11 +111,15 @@ class BatchEstimate:
             + (f"  (cache saves ${self.cache_savings_usd:,.4f})" if self.cached_input_tokens else ""),
         ]
         for name, m in sorted(self.models.items()):
-            price = (
-                f"${m.price.input}/{m.price.output} per 1M in/out ({m.price_source})"
-                if m.price is not None
-                else "no price known (cost 0): register_price() it"
-            )
+            if m.price is not None:
+                p = m.price
+                cached_rate = p.cached_input if p.cached_input is not None else p.input * 0.10
+                price = (
+                    f"${p.input:g} in / ${p.output:g} out / ${cached_rate:g} cached per 1M tokens "
+                    f"({m.price_source})"
+                )
+            else:
+                price = "no price known (cost 0): register_price() it"
             lines.append(
                 f"  - {name}: {m.items:,} items, {m.input_tokens:,} in ({m.cached_input_tokens:,} cached), "
                 f"{m.output_tokens:,} out, ${m.cost_usd:,.4f}; tokens by {m.token_source}; output: "
