@@ -3,7 +3,10 @@
 Parameters are paths and names, never the data (Prefect caps flow parameters at 512 KiB): ``input_path``
 and ``output_path`` are local paths or fsspec URLs, ``model_block`` names a saved
 ``GeminiCachedModelBlock``, the prompt is a ``str.format`` template over column names given inline or as
-``prompt_template_path``.
+``prompt_template_path``: a versioned template file, or a directory of them (local or fsspec; format in
+``prefect_batchllm.core.templates``: a text/markdown file with a ``---`` header of ``name:`` and
+``version:``). The template's name and version are recorded in every row's result metadata, the summary
+artifact and each row's cache key: bumping the version re-runs the rows, the same version replays them.
 
 Reruns cost nothing for finished rows: every row's result is persisted under (row id, prompt, model
 fingerprint), so the UI's Retry of a failed run, a new scheduled run over a grown table, and the
@@ -30,6 +33,8 @@ from prefect.logging import get_run_logger
 
 from prefect_batchllm import ProcessorConfig, RateLimitConfig, RetryConfig
 from prefect_batchllm.core.items import BatchResult
+from prefect_batchllm.core.templates import PromptTemplate
+from prefect_batchllm.core.templates import load_prompt_template as load_template_file
 from prefect_batchllm.dataframe import enrich_frame, output_model, read_table, row_ids, write_table
 from prefect_batchllm.prefect.artifacts import slugify_key
 
@@ -48,16 +53,22 @@ class RowsFailed(Exception):
     """Rows failed; the output file and artifacts are written. Ends the flow run Failed (UI: Retry)."""
 
 
-def load_prompt_template(prompt_template: str | None, prompt_template_path: str | None) -> str:
-    """The template given inline, or read from a local path / fsspec URL (exactly one of the two)."""
+def load_prompt_template(
+    prompt_template: str | None,
+    prompt_template_path: str | None,
+    name: str | None = None,
+    version: str | None = None,
+) -> str | PromptTemplate:
+    """The template given inline, or the versioned template at a file / directory path or fsspec URL
+    (exactly one of the two); ``name`` / ``version`` pick one in a directory (default: the highest)."""
     if (prompt_template is None) == (prompt_template_path is None):
         raise ValueError("give exactly one of prompt_template or prompt_template_path")
     if prompt_template is not None:
+        if name is not None or version is not None:
+            raise ValueError("prompt_template_name / prompt_template_version need prompt_template_path")
         return prompt_template
-    import fsspec
-
-    with fsspec.open(prompt_template_path, "r", encoding="utf-8") as handle:
-        return str(handle.read())
+    assert prompt_template_path is not None
+    return load_template_file(prompt_template_path, name=name, version=version)
 
 
 def table_config(
@@ -128,6 +139,8 @@ def enrich_table(
     output_path: str,
     prompt_template: str | None = None,
     prompt_template_path: str | None = None,
+    prompt_template_name: str | None = None,
+    prompt_template_version: str | None = None,
     model_block: str = "batchllm-table-model",
     id_column: str | None = None,
     output_schema: dict[str, str] | str | None = None,
@@ -144,10 +157,13 @@ def enrich_table(
     or ``"package.module:Model"`` for a pydantic model (one column per field); ``None`` adds a text
     ``output`` column. Rows are identified by ``id_column`` (or the row index), which is what lets a later
     run skip rows that already succeeded. ``chunk_size`` runs one task run per that many rows instead of
-    one per row (for tables of many thousands of rows).
+    one per row (for tables of many thousands of rows). ``prompt_template_path`` is a template file or
+    directory (``prompt_template_name`` / ``prompt_template_version`` pick one; default the highest version).
     """
     log = get_run_logger()
-    template = load_prompt_template(prompt_template, prompt_template_path)
+    template = load_prompt_template(
+        prompt_template, prompt_template_path, prompt_template_name, prompt_template_version
+    )
     output_type = output_model(output_schema)
     prefix = job_key("enrich-table")
     config = table_config(
@@ -182,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output_path")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--template", dest="prompt_template")
-    group.add_argument("--template-path", dest="prompt_template_path")
+    group.add_argument("--template-path", dest="prompt_template_path", help="template file or directory")
+    parser.add_argument("--template-name", dest="prompt_template_name")
+    parser.add_argument("--template-version", dest="prompt_template_version")
     parser.add_argument("--model-block", default="batchllm-table-model")
     parser.add_argument("--id-column")
     parser.add_argument("--output-schema", help='JSON object {"field": "type"} or "module:Model"')

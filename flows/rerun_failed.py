@@ -111,7 +111,13 @@ def rerun_failed(flow_run_id: str, fail_on_item_failure: bool = True) -> dict[st
         return {"rows": 0, "succeeded": 0, "failed": 0, "output_path": output_path}
 
     id_column = params.get("id_column")
-    template = load_prompt_template(params.get("prompt_template"), params.get("prompt_template_path"))
+    # A template directory without a pinned version resolves to its highest version now.
+    template = load_prompt_template(
+        params.get("prompt_template"),
+        params.get("prompt_template_path"),
+        params.get("prompt_template_name"),
+        params.get("prompt_template_version"),
+    )
     output_type = output_model(params.get("output_schema"))
     df = read_table(str(params["input_path"]))
     existing = read_table(output_path)

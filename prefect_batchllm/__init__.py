@@ -49,6 +49,12 @@ _EXPORTS: dict[str, str] = {
     "GeminiCredentials": "prefect_batchllm.prefect.blocks",
     "GeminiCachedModelBlock": "prefect_batchllm.prefect.blocks",
     "ensure_rate_limits": "prefect_batchllm.prefect.limits",
+    # prompt templates in files
+    "PromptTemplate": "prefect_batchllm.core.templates",
+    "load_prompt_template": "prefect_batchllm.core.templates",
+    # cost before the run
+    "estimate_batch": "prefect_batchllm.estimate",
+    "BatchEstimate": "prefect_batchllm.estimate",
     # data pipelines
     "enrich_dataframe": "prefect_batchllm.dataframe",
     "read_table": "prefect_batchllm.dataframe",

@@ -44,6 +44,7 @@ from pydantic import BaseModel, create_model
 
 from prefect_batchllm.core.config import ProcessorConfig
 from prefect_batchllm.core.items import BatchResult, LLMWorkItem, WorkItemResult
+from prefect_batchllm.core.templates import PromptTemplate, TemplateRef, load_prompt_template
 from prefect_batchllm.strategies.base import LLMCallStrategy
 
 if TYPE_CHECKING:
@@ -524,7 +525,7 @@ def _strategy(strategy: Any, model_block: Any, output_type: type[BaseModel] | No
 
 def _normalize(
     df: Any,
-    prompt_template: str | PromptFn | None,
+    prompt_template: str | PromptTemplate | os.PathLike[str] | PromptFn | None,
     prompt_fn: PromptFn | None,
     config: ProcessorConfig | None,
     output_type: Any,
@@ -532,6 +533,10 @@ def _normalize(
     """Type checks of the arguments; a callable given as ``prompt_template`` becomes ``prompt_fn``."""
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
+    if isinstance(prompt_template, os.PathLike):
+        prompt_template = load_prompt_template(prompt_template)
+    if isinstance(prompt_template, PromptTemplate):
+        prompt_template = prompt_template.text
     if callable(prompt_template) and not isinstance(prompt_template, str):
         if prompt_fn is not None:
             raise TypeError("give prompt_fn once: positionally or as prompt_fn=")
@@ -567,7 +572,7 @@ def _check_table(
 
 def enrich_frame(
     df: pd.DataFrame,
-    prompt_template: str | PromptFn | None = None,
+    prompt_template: str | PromptTemplate | os.PathLike[str] | PromptFn | None = None,
     strategy: Any = None,
     id_column: str | None = None,
     config: ProcessorConfig | None = None,
@@ -582,7 +587,12 @@ def enrich_frame(
     Runs the rows as one ``run_batch`` flow run (a subflow when called inside a flow). With ``only_ids``
     only those rows are run and returned (in input order); ``batch_result`` is ``None`` when no row
     could be sent. Never raises for failed rows; the caller decides (see ``EnrichmentFailed``).
+    A :class:`~prefect_batchllm.core.templates.PromptTemplate` (``load_prompt_template(path)``) is recorded
+    in every row's result metadata and the summary artifact, and is part of each row's cache key.
     """
+    if isinstance(prompt_template, os.PathLike):  # a template file (or a directory with one name)
+        prompt_template = load_prompt_template(prompt_template)
+    template_ref = prompt_template.ref if isinstance(prompt_template, PromptTemplate) else None
     prompt_template, prompt_fn, config, output_type = _normalize(
         df, prompt_template, prompt_fn, config, output_type
     )
@@ -597,15 +607,19 @@ def enrich_frame(
 
     prompts = _prompts(df, ids, prompt_template, prompt_fn)
     items = [
-        LLMWorkItem(item_id=item_id, strategy=resolved, prompt=prompt)
+        LLMWorkItem(item_id=item_id, strategy=resolved, prompt=prompt, template=template_ref)
         for item_id, prompt in zip(ids, prompts, strict=True)
         if not isinstance(prompt, WorkItemResult)
     ]
+    if template_ref is not None:  # rows never sent record the template too
+        for prompt in prompts:
+            if isinstance(prompt, WorkItemResult):
+                prompt.metadata = {**prompt.metadata, "prompt_template": template_ref.as_dict()}
     batch = _run(items, config) if items else None
     by_id = batch.by_id() if batch is not None else {}
     results = [p if isinstance(p, WorkItemResult) else by_id[i] for i, p in zip(ids, prompts, strict=True)]
     frame = pd.concat([df, _result_frame(df.index, results, output_type)], axis=1)
-    frame.attrs = {**df.attrs, "batchllm": _summary(frame)}
+    frame.attrs = {**df.attrs, "batchllm": _summary(frame, template_ref)}
     return frame, batch
 
 
@@ -622,9 +636,9 @@ def _run(items: list[LLMWorkItem[Any, Any]], config: ProcessorConfig) -> BatchRe
     return outcome  # type: ignore[no-any-return]
 
 
-def _summary(frame: pd.DataFrame) -> dict[str, int]:
-    """Counts stored in ``frame.attrs["batchllm"]``."""
-    return {
+def _summary(frame: pd.DataFrame, template: TemplateRef | None = None) -> dict[str, Any]:
+    """Counts stored in ``frame.attrs["batchllm"]`` (and the prompt template, when one was used)."""
+    summary: dict[str, Any] = {
         "rows": len(frame),
         "succeeded": int(frame["success"].sum()),
         "failed": int((~frame["success"]).sum()),
@@ -634,6 +648,9 @@ def _summary(frame: pd.DataFrame) -> dict[str, int]:
         "output_tokens": int(frame["output_tokens"].sum()),
         "cached_tokens": int(frame["cached_tokens"].sum()),
     }
+    if template is not None:
+        summary["prompt_template"] = template.as_dict()
+    return summary
 
 
 def merge_rows(base: pd.DataFrame, update: pd.DataFrame, id_column: str | None = None) -> pd.DataFrame:
@@ -683,6 +700,8 @@ def _describe(value: Any) -> Any:
         return value.__qualname__
     if isinstance(value, ProcessorConfig):
         return dataclasses.asdict(value)
+    if isinstance(value, PromptTemplate):
+        return {"name": value.name, "version": value.version, "source": value.source}
     if value is not None and not isinstance(value, str | int | float | bool) and callable(value):
         return getattr(value, "__qualname__", type(value).__qualname__)
     name = getattr(value, "_block_document_name", None)
@@ -721,7 +740,7 @@ class _FrameFlow(Flow):  # type: ignore[type-arg]
 
 def _enrich_dataframe(
     df: pd.DataFrame,
-    prompt_template: str | PromptFn | None = None,
+    prompt_template: str | PromptTemplate | os.PathLike[str] | PromptFn | None = None,
     strategy: Any = None,
     id_column: str | None = None,
     config: ProcessorConfig | None = None,
@@ -734,8 +753,10 @@ def _enrich_dataframe(
     ``output`` (or one column per field of ``output_type``), ``success``, ``error``, ``error_category``,
     ``attempts``, ``input_tokens``, ``output_tokens``, ``cached_tokens`` and ``replayed``.
 
-    ``prompt_template`` is a ``str.format`` template over column names (checked before anything runs);
-    or pass ``prompt_fn(row) -> prompt``, also positionally. ``strategy`` is an ``LLMCallStrategy``, a
+    ``prompt_template`` is a ``str.format`` template over column names (checked before anything runs),
+    inline, a versioned :class:`~prefect_batchllm.core.templates.PromptTemplate` or a ``pathlib.Path`` to a
+    template file; or
+    pass ``prompt_fn(row) -> prompt``, also positionally. ``strategy`` is an ``LLMCallStrategy``, a
     ``GeminiCachedModelBlock`` (or ``model_block=``, object or saved block name) or an ``LLMModel``;
     with a block or model, ``output_type`` asks Gemini for JSON of that pydantic type. With
     ``config.fail_on_item_failure`` the flow raises :class:`EnrichmentFailed` (frame on ``.frame``)

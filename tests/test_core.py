@@ -462,6 +462,7 @@ def test_provider_layer_imports_nothing_from_prefect() -> None:
         "from prefect_batchllm import GeminiModel, GeminiCachedModel, GeminiStrategy, PydanticAIStrategy, "
         "DirectCallStrategy, LLMWorkItem, BatchResult, ProcessorConfig, DefaultErrorClassifier; "
         "import prefect_batchllm.testing, prefect_batchllm.core.attempt; "
+        "from prefect_batchllm import estimate_batch, load_prompt_template, PromptTemplate, register_price; "
         "print(sorted(m for m in sys.modules if m == 'prefect' or m.startswith('prefect.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

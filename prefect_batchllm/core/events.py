@@ -32,12 +32,17 @@ class ProcessingEvent(StrEnum):
     ITEM_RETRYING = "item_retrying"
     ITEM_COMPLETED = "item_completed"
     ITEM_FAILED = "item_failed"
+    BUDGET_EXCEEDED = "budget_exceeded"
     BATCH_COMPLETED = "batch_completed"
 
 
 @runtime_checkable
 class ProcessorObserver(Protocol):
-    """Receives :class:`ProcessingEvent`s with a data dict (``item_id``, ``attempt``, ``error``...)."""
+    """Receives :class:`ProcessingEvent`s with a data dict (``item_id``, ``attempt``, ``error``...).
+
+    An observer may set ``accepts`` (a set of :class:`ProcessingEvent`) to receive only those events:
+    one that cares about batch-level events then costs nothing per successful item.
+    """
 
     async def on_event(self, event: ProcessingEvent, data: dict[str, Any]) -> None: ...
 
@@ -104,6 +109,9 @@ class EventDispatcher:
 
     async def emit(self, event: ProcessingEvent, data: dict[str, Any]) -> None:
         for observer in self.observers:
+            accepts = getattr(observer, "accepts", None)
+            if accepts is not None and event not in accepts:
+                continue
             await call_user_hook(
                 observer.on_event, event, data, timeout=self.timeout, what=f"observer {observer!r}"
             )

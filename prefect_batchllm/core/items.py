@@ -10,6 +10,7 @@ from dataclasses import KW_ONLY, InitVar, dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from prefect_batchllm.core.pricing import ModelPrice, price_for
+from prefect_batchllm.core.templates import PromptTemplate, TemplateRef
 from prefect_batchllm.core.tokens import TokenUsage, normalize_usage
 
 if TYPE_CHECKING:
@@ -25,7 +26,9 @@ TContext = TypeVar("TContext")
 class LLMWorkItem(Generic[TOutput, TContext]):
     """One unit of work: an id, the strategy that knows how to call the LLM, its prompt and context.
 
-    ``prompt`` is a string, or a list of content parts for multimodal strategies.
+    ``prompt`` is a string, or a list of content parts for multimodal strategies. ``template`` (keyword)
+    names the versioned prompt template the prompt was made from (a ``TemplateRef`` or ``PromptTemplate``):
+    it is recorded in the result's metadata and is part of the item's persisted-result cache key.
 
     For code written against the original batch-llm, exactly one of the keyword-only ``agent=``
     (a pydantic-ai Agent), ``agent_factory=`` (attempt -> Agent) or ``direct_call=`` (with optional
@@ -37,12 +40,15 @@ class LLMWorkItem(Generic[TOutput, TContext]):
     prompt: str | list[Any] = ""
     context: TContext | None = None
     _: KW_ONLY
+    template: TemplateRef | None = None
     agent: InitVar[Any] = None
     agent_factory: InitVar[Callable[[int], Any] | None] = None
     direct_call: InitVar[Callable[..., Any] | None] = None
     input_data: InitVar[Any] = None
 
     def __post_init__(self, agent: Any, agent_factory: Any, direct_call: Any, input_data: Any) -> None:
+        if isinstance(self.template, PromptTemplate):
+            self.template = self.template.ref
         legacy = {"agent": agent, "agent_factory": agent_factory, "direct_call": direct_call}
         given = [name for name, value in legacy.items() if value is not None]
         if self.strategy is not None:
@@ -78,6 +84,11 @@ class LLMWorkItem(Generic[TOutput, TContext]):
             raise TypeError(
                 f"LLMWorkItem {self.item_id!r}: prompt must be a str or a list of content parts, "
                 f"got {type(self.prompt).__name__}"
+            )
+        if self.template is not None and not isinstance(self.template, TemplateRef):
+            raise TypeError(
+                f"LLMWorkItem {self.item_id!r}: template must be a TemplateRef or PromptTemplate "
+                f"(prefect_batchllm.core.templates), got {type(self.template).__name__}"
             )
 
 
@@ -215,6 +226,16 @@ class BatchResult(Generic[TOutput, TContext]):
         """Models that appear in the results but have no price (their cost counts as 0)."""
         names = {r.model for r in self.results if r.model}
         return sorted(n for n in names if price_for(n, self.prices) is None)
+
+    def prompt_templates(self) -> dict[str, int]:
+        """Item counts by prompt template (``"name@version"``), from each result's metadata."""
+        counts: dict[str, int] = {}
+        for r in self.results:
+            ref = r.metadata.get("prompt_template") if isinstance(r.metadata, dict) else None
+            if isinstance(ref, dict) and ref.get("name"):
+                key = f"{ref['name']}@{ref.get('version')}"
+                counts[key] = counts.get(key, 0) + 1
+        return counts
 
     def error_categories(self) -> dict[str, int]:
         """Failed-item counts by error category."""

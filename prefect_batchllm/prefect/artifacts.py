@@ -85,6 +85,10 @@ def summary_markdown(batch: BatchResult[Any, Any], title: str = "Batch summary")
         f"| wall time | {wall:.2f} s |",
         f"| throughput | {rate:.2f} items/s |",
     ]
+    templates = batch.prompt_templates()
+    if templates:
+        shown = ", ".join(f"{name} ({n} items)" for name, n in sorted(templates.items()))
+        lines.append(f"| prompt template | {shown} |")
     unpriced = batch.unpriced_models
     if unpriced:
         lines.append(f"| models without a price (cost 0) | {', '.join(unpriced)} |")

@@ -50,6 +50,7 @@ from prefect_batchllm.core.events import (
 from prefect_batchllm.core.items import BatchResult, LLMWorkItem, WorkItemResult, check_unique_ids
 from prefect_batchllm.core.tokens import normalize_usage
 from prefect_batchllm.prefect.artifacts import ProgressArtifact, slugify_key
+from prefect_batchllm.prefect.events import PauseEvents, PrefectEventBridge, batch_completed_data
 from prefect_batchllm.prefect.tasks import (
     BatchRun,
     chunk_result_store,
@@ -227,7 +228,7 @@ def _describe_prompts(prompts: Any) -> dict[str, Any]:
 # Seams and helpers used by the flow body
 
 
-async def _admission_for(config: ProcessorConfig) -> Admission:
+async def _admission_for(config: ProcessorConfig, **options: Any) -> Admission:
     """The admission (rate limiter) for a batch: Prefect global concurrency limits when a limit is set.
 
     The limits are created/updated and validated here, at flow start, so a misconfigured limit fails the
@@ -235,7 +236,7 @@ async def _admission_for(config: ProcessorConfig) -> Admission:
     """
     from prefect_batchllm.prefect.limits import admission_for
 
-    admission = admission_for(config)
+    admission = admission_for(config, **options)
     start = getattr(admission, "start", None)
     if callable(start):
         await start()
@@ -503,8 +504,13 @@ async def _run_batch(
     """
     items, config = validate_batch_inputs(items, config)
     mws = list(middlewares or [])
-    events = EventDispatcher(observers, timeout=config.progress_callback_timeout or 5.0)
-    admission = Unlimited() if config.dry_run else await _admission_for(config)
+    caller = _CALLER.get()
+    bridge = PrefectEventBridge.for_current_run(caller.deployment_id if caller else None)
+    events = EventDispatcher(
+        [*(observers or []), *([bridge] if bridge else [])], timeout=config.progress_callback_timeout or 5.0
+    )
+    pauses = PauseEvents(events)  # the limiter's 429 pauses -> COOLDOWN_STARTED / COOLDOWN_ENDED
+    admission = Unlimited() if config.dry_run else await _admission_for(config, on_pause=pauses.on_pause)
     run = BatchRun(config, admission, error_classifier or DefaultErrorClassifier(), events)
     total = len(items)
     results: list[WorkItemResult[Any, Any] | None] = [None] * total
@@ -565,6 +571,8 @@ async def _run_batch(
             # One item's unexpected error must not cancel the TaskGroup and lose every other result.
             logger.warning("item %s failed outside its task: %s", item.item_id, safe_reason(exc))
             result = _failed(item, run.ledger(item.item_id), exc, "unknown", safe_reason(exc))
+        if item.template is not None:  # every result records the prompt template it was made from
+            result.metadata = {**result.metadata, "prompt_template": item.template.as_dict()}
         results[index] = result
         if result.success:
             await events.emit(
@@ -674,6 +682,7 @@ async def _run_batch(
             aclose = getattr(admission, "aclose", None)
             if callable(aclose):
                 await _shielded(aclose())
+            await _shielded(pauses.aclose())
 
     wall = time.monotonic() - started
     final = [r for r in results if r is not None]
@@ -681,10 +690,7 @@ async def _run_batch(
         raise RuntimeError(f"internal error: {total - len(final)} items have no result")
     await progress.update(completed, force=True)
     batch = await summarize_batch(quote(final), wall, prefix)
-    await events.emit(
-        ProcessingEvent.BATCH_COMPLETED,
-        {"total": batch.total_items, "succeeded": batch.succeeded, "failed": batch.failed},
-    )
+    await events.emit(ProcessingEvent.BATCH_COMPLETED, batch_completed_data(batch))
     if config.fail_on_item_failure and batch.failed:
         raise BatchItemsFailed(batch)
     return batch

@@ -806,6 +806,8 @@ class _Core:
         self.loop = loop
         self.client: Any = None
         self.closed = False
+        #: Called (on this limiter's thread) with the seconds left whenever a pause starts or is extended.
+        self.on_pause: Callable[[float], None] | None = None
         self.error: BaseException | None = None
         self.waiters: deque[_Waiter] = deque()
         names = limit_names(config.limit_prefix)
@@ -1067,6 +1069,11 @@ class _Core:
             return
         self.stats.paused_seconds += until - max(now, self.paused_until)
         self.paused_until = until
+        if self.on_pause is not None:
+            try:
+                self.on_pause(until - now)
+            except Exception as exc:  # an observer must never break admission
+                logger.warning("on_pause callback failed (ignored): %s", exc)
         self.ramp_left = self.config.slow_start_items
         self.last_grant = until
         self.kick()
@@ -1254,15 +1261,26 @@ class GlobalRateLimiter:
     with ``ensure=False`` they must already exist (an operator manages them), else the first ``admit``
     raises :class:`RateLimitConfigurationError`. ``share_pause`` propagates 429 pauses across processes.
     Usable from any event loop or thread; ``aclose()`` returns unused slots and stops the limiter.
+    ``on_pause(seconds)`` is called whenever a pause (a 429 wave, or one adopted from another process)
+    starts or is extended; it runs on the limiter's own thread, so it must only hand off (e.g.
+    ``loop.call_soon_threadsafe``) and return at once.
     """
 
-    def __init__(self, config: RateLimitConfig, *, ensure: bool = True, share_pause: bool = True) -> None:
+    def __init__(
+        self,
+        config: RateLimitConfig,
+        *,
+        ensure: bool = True,
+        share_pause: bool = True,
+        on_pause: Callable[[float], None] | None = None,
+    ) -> None:
         if not config.enabled:
             raise ValueError("RateLimitConfig sets no limit; use core.admission.Unlimited instead")
         self.config = config
         self.stats = LimiterStats()
         self._ensure = ensure
         self._share_pause = share_pause
+        self._on_pause = on_pause
         self._lock = threading.Lock()
         self._thread: _LimiterThread | None = None
         self._core: _Core | None = None
@@ -1286,6 +1304,7 @@ class GlobalRateLimiter:
             if self._thread is None or self._core is None or self._started is None:
                 thread = _LimiterThread(f"batchllm-limiter-{self.config.limit_prefix}")
                 core = _Core(self.config, self.stats, thread.loop)
+                core.on_pause = self._on_pause
                 self._started = thread.submit(core.start(self._ensure, self._share_pause))
                 self._thread, self._core = thread, core
                 weakref.finalize(self, thread.stop)

@@ -154,8 +154,12 @@ def prompt_sha256(prompt: Any) -> str:
 
 
 def item_cache_key(item: LLMWorkItem[Any, Any]) -> str:
-    """Cache key of an item's result: (item_id, prompt sha256, strategy fingerprint), no run id."""
-    raw = "|".join((CACHE_VERSION, item.item_id, prompt_sha256(item.prompt), item.strategy.fingerprint()))
+    """Cache key of an item's result: (item_id, prompt sha256, strategy fingerprint, prompt template name and
+    version when set), no run id: a new template version re-runs the item even if its prompt is unchanged."""
+    parts = [CACHE_VERSION, item.item_id, prompt_sha256(item.prompt), item.strategy.fingerprint()]
+    if item.template is not None:
+        parts.append(f"template={item.template.name}@{item.template.version}")
+    raw = "|".join(parts)
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
