@@ -49,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "GeminiCredentials": "prefect_batchllm.prefect.blocks",
     "GeminiCachedModelBlock": "prefect_batchllm.prefect.blocks",
     "ensure_rate_limits": "prefect_batchllm.prefect.limits",
+    "TerminalProgress": "prefect_batchllm.prefect.progress",
     # data pipelines
     "enrich_dataframe": "prefect_batchllm.dataframe",
     "read_table": "prefect_batchllm.dataframe",

@@ -55,7 +55,8 @@ def progress_wanted(console: Console) -> bool:
         return True
     if os.environ.get("CI", "").strip().lower() not in ("", *_OFF):
         return False
-    return console.is_terminal and not console.is_dumb_terminal
+    # A real terminal: rich's own test also says yes to FORCE_COLOR / TTY_COMPATIBLE on a pipe or log file.
+    return console.is_terminal and _is_tty(console.file) and not console.is_dumb_terminal
 
 
 def _is_tty(stream: Any) -> bool:
