@@ -137,8 +137,13 @@ def summary_markdown(batch: BatchResult[Any, Any], title: str = "Batch summary")
     rate = batch.total_items / wall if wall > 0 else 0.0
     replayed = sum(1 for r in batch.results if r.replayed)
     attempts = sum(r.attempts for r in batch.results)
+    failed = f"**{_fmt_int(batch.failed)} failed**" if batch.failed else "none failed"
     lines = [
         f"# {title}",
+        "",
+        f"{_fmt_int(batch.succeeded)} of {_fmt_int(batch.total_items)} items succeeded, {failed} · "
+        f"cache hit rate {batch.cache_hit_rate():.1f} % · estimated cost ${batch.estimated_cost_usd:,.4f} · "
+        f"{wall:.1f} s",
         "",
         "| metric | value |",
         "|---|---|",
@@ -201,7 +206,7 @@ async def publish_batch_artifacts(
         ids["failed"] = await acreate_table_artifact(
             failed_items_table(batch),
             key=keys["failed"],
-            description=f"{batch.failed} failed item(s){more}",
+            description=f"{batch.failed} failed item(s){more}; each id links to the task run that ran it",
         )
     except Exception as exc:  # artifacts are a view; never fail the batch over them
         logger.warning("could not publish batch artifacts for %r: %s", prefix, exc)
