@@ -209,8 +209,13 @@ def test_a_person_finds_every_number_in_the_prefect_ui(tmp_path: Path) -> None:
             )
             assert int(counts.group(2)) == len(EXPECTED_FAILED)
             assert int(counts.group(1)) == BOOKS - len(EXPECTED_FAILED) + 3  # + prepare, cleanup, summarize
-            # The list, not the timeline, in the picture (the UI scrolls inside its own container).
-            page.get_by_placeholder("Search by run name").evaluate("e => e.scrollIntoView({block: 'start'})")
+            # A person looks a failed item up by its id: task runs are named after item ids.
+            search = page.get_by_placeholder("Search by run name")
+            search.evaluate("e => e.scrollIntoView({block: 'start'})")  # the list, not the timeline
+            search.fill("b013")
+            _until(lambda: "b160" not in page.inner_text("body"), "the task-run list filtered to b013", page)
+            page.get_by_role("link", name="b013", exact=True).first.wait_for(state="visible")
+            page.get_by_text("Failed", exact=True).first.wait_for(state="visible")
             page.screenshot(path=str(shots / "ui-task-runs.png"))
 
             # 2. The summary artifact: the numbers the demo printed, as rendered markdown.
