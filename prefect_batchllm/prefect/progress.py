@@ -129,7 +129,13 @@ class _TwoLineProgress(Progress):
     def get_renderables(self) -> Iterable[RenderableType]:
         yield self.make_tasks_table(self.tasks)
         if self.tasks:
-            yield Text.from_markup(f"  {self._owner.counts_text()} · {self._owner.tokens_text()}")
+            counts, tokens = self._owner.counts_text(), self._owner.tokens_text()
+            line = Text.from_markup(f"  {counts} · {tokens}")
+            if line.cell_len <= self.console.width:
+                yield line
+            else:  # a narrow terminal: tokens on a line of their own rather than wrapped mid-phrase
+                yield Text.from_markup(f"  {counts}")
+                yield Text.from_markup(f"  {tokens}")
 
 
 class TerminalProgress(ProcessorObserver):
