@@ -15,6 +15,7 @@ import pytest
 from rich.console import Console
 
 from prefect_batchllm import LLMWorkItem, ProcessorConfig, RetryConfig, TerminalProgress, run_batch
+from prefect_batchllm.core.events import ProcessingEvent
 from prefect_batchllm.models.gemini import GeminiModel
 from prefect_batchllm.prefect.progress import progress_wanted, with_terminal_progress
 from prefect_batchllm.strategies.gemini import GeminiStrategy
@@ -77,6 +78,21 @@ def test_auto_observer_follows_the_decision(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("BATCHLLM_PROGRESS")
     monkeypatch.setenv("TTY_COMPATIBLE", "1")
     assert with_terminal_progress(None) == []
+
+
+async def test_narrow_terminal_puts_tokens_on_their_own_line() -> None:
+    buf = _Tty()
+    bar = TerminalProgress(Console(file=buf, force_terminal=True, width=60), label="books")
+    await bar.on_event(ProcessingEvent.BATCH_STARTED, {"total": 2})
+    for item_id, event in (("a", ProcessingEvent.ITEM_COMPLETED), ("b", ProcessingEvent.ITEM_FAILED)):
+        await bar.on_event(ProcessingEvent.ITEM_STARTED, {"item_id": item_id})
+        usage = {"input_tokens": 123_456, "output_tokens": 7_890, "cached_input_tokens": 100_000}
+        await bar.on_event(event, {"item_id": item_id, "token_usage": usage})
+    await bar.on_event(ProcessingEvent.BATCH_COMPLETED, {})
+    lines = _screen(buf).rstrip().splitlines()
+    assert lines[-2].strip() == "ok 1 · failed 1 · in flight 0"
+    assert lines[-1].strip() == "tokens 246,912 in (200,000 cached) / 15,780 out"
+    assert bar.close() is None  # idempotent
 
 
 @pytest.mark.usefixtures("prefect_api")
