@@ -239,8 +239,8 @@ def test_a_person_finds_every_number_in_the_prefect_ui(tmp_path: Path) -> None:
             assert {row[0]: row[1] for row in rows} == EXPECTED_FAILED
             reasons = {row[0]: row[-1] for row in rows}
             assert "INVALID_ARGUMENT" in reasons["b013"] and "SAFETY" in reasons["b038"]
-            for item_id, task_run in failed_runs.items():
-                link = page.get_by_role("link", name=item_id, exact=True).first
+            for item_id, task_run in failed_runs.items():  # each reason links to the item's task run
+                link = page.locator("tr", has_text=item_id).get_by_role("link").first
                 assert link.get_attribute("href").endswith(f"/runs/task-run/{task_run['id']}")
             overflow = "t => t.parentElement.scrollWidth - t.parentElement.clientWidth"
             wide = page.eval_on_selector("table", overflow)  # the table's scroll box
@@ -249,7 +249,7 @@ def test_a_person_finds_every_number_in_the_prefect_ui(tmp_path: Path) -> None:
 
             # ... and the link lands on the failed item's task run, with its reason. Absolute links (they
             # also work from `prefect artifact inspect`) open in a new tab in the UI.
-            link = page.get_by_role("link", name="b013", exact=True).first
+            link = page.locator("tr", has_text="b013").get_by_role("link").first
             if link.get_attribute("target") == "_blank":
                 with page.context.expect_page() as opened:
                     link.click()

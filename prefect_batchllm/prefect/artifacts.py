@@ -43,8 +43,9 @@ __all__ = [
 #: Rows of the failed-items table beyond this are summarised (tables are stored as JSON in the DB).
 MAX_TABLE_ROWS = 1000
 #: The UI renders table cells on one line (no wrapping; the table scrolls sideways), so the table's
-#: ``message`` is cut here; the summary's failed-items list and the task run carry the whole reason.
-MAX_MESSAGE_CHARS = 100
+#: ``message`` is cut here (it fits a 1400 px wide window); the summary's failed-items list and the task
+#: run carry the whole reason.
+MAX_MESSAGE_CHARS = 80
 #: Failed items listed, with their full reasons, in the summary markdown (the table has them all).
 MAX_SUMMARY_FAILURES = 50
 #: ``WorkItemResult.metadata`` keys naming the task run that executed a failed item (its own or its chunk's).
@@ -176,17 +177,24 @@ def failed_items_table(
 ) -> dict[str, list[Any]]:
     """Columns ``item_id, category, attempts, message`` of the failed items, in input order.
 
-    Cells are rendered as markdown by the UI: ``item_id`` links to the task run that ran the item, and
-    ``message`` is escaped and cut to ``max_message_chars`` (cells never wrap; the full reason is in the
-    summary and on the task run). Short columns come first so a long message can only clip at the end.
+    The UI renders cells as markdown and never wraps them, so ``message`` is escaped, cut to
+    ``max_message_chars`` (the summary and the task run have the whole reason) and last, and it links to
+    the task run that ran the item (its own in per-item mode, its chunk's in chunked mode).
     """
     failed = batch.failed_items()[:max_rows]
     return {
-        "item_id": [_linked_id(r) for r in failed],
+        "item_id": [r.item_id for r in failed],
         "category": [r.error_category or "unknown" for r in failed],
         "attempts": [r.attempts for r in failed],
-        "message": [_md_text(r.error or "", max_message_chars) for r in failed],
+        "message": [_linked_message(r, max_message_chars) for r in failed],
     }
+
+
+def _linked_message(result: Any, limit: int) -> str:
+    """The (cut, escaped) reason as a link to the item's task run, or plain when no task run ran it."""
+    text = _md_text(result.error or "no reason recorded", limit)
+    run_id = (result.metadata or {}).get(TASK_RUN_ID_KEY)
+    return f"[{text}]({task_run_link(run_id)})" if run_id else text
 
 
 async def publish_batch_artifacts(
@@ -206,7 +214,7 @@ async def publish_batch_artifacts(
         ids["failed"] = await acreate_table_artifact(
             failed_items_table(batch),
             key=keys["failed"],
-            description=f"{batch.failed} failed item(s){more}; each id links to the task run that ran it",
+            description=f"{batch.failed} failed item(s){more}; a message links to the task run that ran it",
         )
     except Exception as exc:  # artifacts are a view; never fail the batch over them
         logger.warning("could not publish batch artifacts for %r: %s", prefix, exc)
