@@ -168,6 +168,7 @@ def test_a_person_finds_every_number_in_the_prefect_ui(tmp_path: Path) -> None:
     chromium = _chromium()
     shots = Path(os.environ.get("BATCHLLM_UI_SHOTS") or tmp_path / "shots")
     shots.mkdir(parents=True, exist_ok=True)
+    (shots / "ui-failure.png").unlink(missing_ok=True)  # only a failing run leaves one (git-ignored)
 
     with prefect_server(ui=True) as api_url:
         ui = api_url.removesuffix("/api")
