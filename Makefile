@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench emulator clean
+.PHONY: install demo test lint bench emulator ui-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,12 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The Prefect UI checked in headless Chromium (installs Debian's chromium when missing) against a real
+# `prefect server start` running the demo; refreshes the README's screenshots in docs/.
+ui-check: $(STAMP)
+	bash scripts/ensure-chromium.sh >/dev/null
+	BATCHLLM_UI_SHOTS=docs $(BIN)/python -m pytest tests/test_ui.py -q
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --server

@@ -24,6 +24,8 @@ if __name__ == "__main__":
     # Quiet by default (before Prefect is imported): no telemetry, no per-task INFO lines; -v shows them.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # The ephemeral API's 20 s default start-up budget is too short on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if "-v" not in sys.argv:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         # The ephemeral API (a subprocess) logs harmless CancelledError / connection-pool tracebacks when it
@@ -130,7 +132,7 @@ def gemini_endpoint(inject_faults: bool) -> Iterator[tuple[str, str | None]]:
         yield "local-demo-key", emu.base_url
 
 
-@flow(name="batchllm-demo")
+@flow(name="batchllm-demo", flow_run_name="catalogue-{limit}-books")
 async def demo_flow(
     limit: int = 250,
     model: str = "gemini-2.5-flash",

@@ -55,6 +55,8 @@ _EXPORTS: dict[str, str] = {
     # cost before the run
     "estimate_batch": "prefect_batchllm.estimate",
     "BatchEstimate": "prefect_batchllm.estimate",
+    # a live progress bar in a terminal
+    "TerminalProgress": "prefect_batchllm.prefect.progress",
     # data pipelines
     "enrich_dataframe": "prefect_batchllm.dataframe",
     "read_table": "prefect_batchllm.dataframe",

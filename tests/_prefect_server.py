@@ -69,11 +69,13 @@ def _healthy(api_url: str) -> bool:
 
 
 @contextlib.contextmanager
-def prefect_server(*, timeout: float = 240.0) -> Iterator[str]:
+def prefect_server(*, timeout: float = 240.0, ui: bool = False) -> Iterator[str]:
     """Start ``prefect server start`` on 127.0.0.1 with its own temp home and SQLite DB; yield the API URL.
 
-    The server log goes to ``<home>/server.log`` and is shown if startup fails. On exit the server's
-    process group (started here, in its own session) is terminated, then killed if it lingers.
+    With ``ui=True`` the server also serves the Prefect UI at the API URL without ``/api``, pointed at
+    this server's API (the UI otherwise assumes port 4200). The server log goes to ``<home>/server.log``
+    and is shown if startup fails. On exit the server's process group (started here, in its own session)
+    is terminated, then killed if it lingers.
     """
     home = tempfile.mkdtemp(prefix="batchllm-server-")
     port = _free_port()
@@ -85,7 +87,8 @@ def prefect_server(*, timeout: float = 240.0) -> Iterator[str]:
             "PREFECT_HOME": home,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "DO_NOT_TRACK": "1",
-            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "true" if ui else "false",
+            "PREFECT_UI_API_URL": api_url,
             "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
             "PREFECT_LOGGING_LEVEL": "WARNING",
         }

@@ -12,10 +12,12 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from prefect_batchllm import BatchResult, LLMWorkItem, ProcessorConfig, RetryConfig, WorkItemResult, run_batch
 from prefect_batchllm.prefect.artifacts import (
+    MAX_MESSAGE_CHARS,
     artifact_keys,
     failed_items_table,
     slugify_key,
     summary_markdown,
+    task_run_link,
 )
 from prefect_batchllm.strategies.base import LLMCallStrategy, RetryState
 
@@ -72,10 +74,57 @@ def test_failed_items_table_in_input_order_and_capped() -> None:
     assert table == {
         "item_id": ["b", "c", "d"],
         "category": ["fatal", "blocked", "fatal"],
-        "message": ["HTTP 400: bad", "blocked: SAFETY", "HTTP 400: again"],
         "attempts": [1, 1, 1],
+        "message": ["HTTP 400: bad", "blocked: SAFETY", "HTTP 400: again"],
     }
+    assert list(table)[-1] == "message"  # the long column last
     assert failed_items_table(_batch(), max_rows=1)["item_id"] == ["b"]
+
+
+def test_failed_items_link_to_their_task_run_and_long_reasons_stay_readable() -> None:
+    run_id = str(uuid.uuid4())
+    reason = "ValidationError: genre *must* be one of [gothic|realist] <got> `space_opera` " + "x" * 300
+    batch = BatchResult(
+        results=[
+            WorkItemResult(
+                "b7",
+                False,
+                error=reason,
+                error_category="invalid_output",
+                attempts=3,
+                metadata={"prefect_task_run_id": run_id, "prefect_task_run_name": "chunk-1: b1 .. b9"},
+            ),
+            WorkItemResult("b8", False, error="line one\nline two", error_category="fatal", attempts=1),
+        ]
+    )
+    link = task_run_link(run_id)
+    assert link.endswith(f"/runs/task-run/{run_id}")
+    table = failed_items_table(batch)
+    assert table["item_id"] == ["b7", "b8"]
+    # the reason links to the task run that ran the item (here a chunk's); no task run, no link
+    assert table["message"][0].startswith("[") and table["message"][0].endswith(f"…]({link})")
+    cell = table["message"][0][1 : -len(f"]({link})")]
+    assert len(cell.replace("\\", "")) == MAX_MESSAGE_CHARS
+    # markdown-special characters are escaped: the UI renders cells as markdown
+    assert cell.startswith(r"ValidationError: genre \*must\* be one of \[gothic\|realist\] \<got\> \`space")
+    assert table["message"][1] == "line one line two"  # one line
+
+    text = summary_markdown(batch)
+    listed = [line for line in text.splitlines() if line.startswith("- ")]
+    assert listed[0].startswith(f"- [b7]({link}) (in task run chunk-1: b1 .. b9)")
+    assert "**invalid_output** · 3 attempts:" in listed[0]
+    assert listed[0].endswith("x" * 300)  # the whole reason: list items wrap in the UI, cells do not
+    assert listed[1] == "- b8 · **fatal** · 1 attempt: line one line two"
+
+
+def test_links_are_absolute_when_the_ui_url_is_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.settings import PREFECT_UI_URL, temporary_settings
+
+    with temporary_settings({PREFECT_UI_URL: "http://prefect.example:4200"}):
+        assert task_run_link("abc") == "http://prefect.example:4200/runs/task-run/abc"
+    # No UI URL (ephemeral API): a UI-relative link, which works when the artifact is viewed in the UI.
+    monkeypatch.setattr("prefect_batchllm.prefect.artifacts.url_for", lambda *a, **k: None)
+    assert task_run_link("abc") == "/runs/task-run/abc"
 
 
 def test_keys_are_valid_prefect_artifact_keys() -> None:
@@ -121,10 +170,48 @@ async def test_run_publishes_summary_failed_table_and_progress() -> None:
     rows = table.data if isinstance(table.data, str) else str(table.data)
     assert "row-2" in rows and "row-5" in rows and "row-0" not in rows
     assert "unusable record" in rows and "fatal" in rows
+    # each failed id links to its own task run (named after it, Failed), in this flow run
+    for r in result.failed_items():
+        task_run = await _task_run(r.metadata["prefect_task_run_id"])
+        assert task_run.name == r.item_id and task_run.state.is_failed()
+        assert task_run.flow_run_id == table.flow_run_id
+        assert f"]({task_run_link(str(task_run.id))})" in rows
+    async with get_client() as client:
+        flow_run = await client.read_flow_run(table.flow_run_id)
+    assert flow_run.name == f"{prefix}: 7 items"  # not a random name
 
     progress = await _latest(f"{prefix}-progress")
     assert progress.type == "progress" and float(progress.data) == 100.0
     assert progress.flow_run_id == summary.flow_run_id  # all attached to this batch's flow run
+
+
+async def _task_run(task_run_id: str) -> Any:
+    async with get_client() as client:
+        return await client.read_task_run(uuid.UUID(task_run_id))
+
+
+@pytest.mark.usefixtures("prefect_api")
+async def test_chunked_failed_items_link_to_their_chunks_task_run() -> None:
+    tag = uuid.uuid4().hex[:8]
+    prefix = f"chunk-art-{tag}"
+    items = [
+        LLMWorkItem(f"row-{i}", Echo(), f"[row-{i}] {tag}" + (" FAIL" if i in (1, 6) else ""))
+        for i in range(8)
+    ]
+    config = ProcessorConfig(artifact_key=prefix, chunk_size=4, retry=RetryConfig(max_attempts=1))
+    result = await run_batch(items, config)
+    assert [r.item_id for r in result.failed_items()] == ["row-1", "row-6"]
+    names = {}
+    for r in result.failed_items():
+        task_run = await _task_run(r.metadata["prefect_task_run_id"])
+        names[r.item_id] = task_run.name
+        assert r.metadata["prefect_task_run_name"] == task_run.name and task_run.state.is_failed()
+    assert names == {"row-1": "chunk-1: row-0 .. row-3", "row-6": "chunk-2: row-4 .. row-7"}
+    summary = await _latest(f"{prefix}-summary")
+    assert "(in task run chunk-2: row-4 .. row-7)" in summary.data
+    async with get_client() as client:
+        flow_run = await client.read_flow_run(summary.flow_run_id)
+    assert flow_run.name == f"{prefix}: 8 items in chunks of 4"
 
 
 @pytest.mark.usefixtures("prefect_api")

@@ -9,6 +9,8 @@ quota binds within a short test; the limiter is told the same window (``quota_wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import logging
 import os
 import re
@@ -108,6 +110,22 @@ async def run_in_flow(
         return await limited_batch()
     finally:
         await limiter.aclose()
+
+
+@contextlib.contextmanager
+def _limiter_summary() -> Iterator[io.StringIO]:
+    """Collect the limiter's log lines (its closing summary is INFO) into a string buffer."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    limiter_log = logging.getLogger("prefect_batchllm.limits")
+    level = limiter_log.level
+    limiter_log.setLevel(logging.INFO)
+    limiter_log.addHandler(handler)
+    try:
+        yield buffer
+    finally:
+        limiter_log.removeHandler(handler)
+        limiter_log.setLevel(level)
 
 
 def _quota_was_binding(log: str) -> bool:
@@ -439,19 +457,15 @@ def shard_main(argv: list[str]) -> int:
     )
     strategy = GeminiStrategy(GeminiModel(MODEL, lambda: _genai_client(base_url)), lambda r: r.text)
     items = [LLMWorkItem(f"{tag}-{i}", strategy, f"{tag} item {i}") for i in range(int(count))]
-    summary = logging.getLogger("prefect_batchllm.limits")  # its closing line says how often it was denied
-    summary.setLevel(logging.INFO)
-    summary.addHandler(logging.StreamHandler(sys.stdout))
-    summary.propagate = False
-    result = run_batch(items, config)  # the product path, called from plain sync code
+    with _limiter_summary() as summary:  # its closing line says whether the quota bound this process
+        result = run_batch(items, config)  # the product path, called from plain sync code
+    print(summary.getvalue(), flush=True)
     print(f"{tag}: {result.succeeded}/{result.total_items} ok", flush=True)
     return 0 if result.failed == 0 else 1
 
 
 @pytest.mark.parametrize("chunk_size", [None, 16], ids=["per-item", "chunked"])
-async def test_run_batch_at_the_quota_has_zero_429s(
-    prefect_api: str, chunk_size: int | None, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_run_batch_at_the_quota_has_zero_429s(prefect_api: str, chunk_size: int | None) -> None:
     """The limiter through the real flow: every item admitted by the global limits before its attempt."""
     from prefect_batchllm import GeminiModel, GeminiStrategy, LLMWorkItem, run_batch
     from prefect_batchllm.testing import GeminiEmulator
@@ -472,12 +486,12 @@ async def test_run_batch_at_the_quota_has_zero_429s(
                 requests_per_minute=rpm, limit_prefix=_prefix(), quota_window_seconds=window
             ),
         )
-        caplog.set_level(logging.INFO, logger="prefect_batchllm.limits")
-        result = await run_batch(items, config)
+        with _limiter_summary() as summary:
+            result = await run_batch(items, config)
         assert result.succeeded == count and [r.item_id for r in result.results] == [i.item_id for i in items]
         assert emulator.count("generateContent", status=429) == 0
         assert emulator.max_in_window(window) <= allowance
-        assert _quota_was_binding(caplog.text)  # the quota, not the workers, was the bound
+        assert _quota_was_binding(summary.getvalue())  # the quota, not the workers, was the bound
 
 
 async def test_run_batch_with_a_missing_operator_managed_limit_fails_before_any_item(

@@ -59,6 +59,10 @@ class ItemLedger:
     #: The original exception of the last failed attempt (provider error, with its traceback and cause), for
     #: in-process hooks such as middleware ``on_error``; never persisted or sent to Prefect.
     last_exception: BaseException | None = None
+    #: The orchestrator's run that executed the last attempt (a Prefect task run: the item's own, or its
+    #: chunk's), so reports can link a failed item to where its attempts and logs are.
+    task_run_id: str | None = None
+    task_run_name: str | None = None
 
     @property
     def duration_s(self) -> float:

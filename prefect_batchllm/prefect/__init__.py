@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "GeminiCachedModelBlock": "prefect_batchllm.prefect.blocks",
     "publish_batch_artifacts": "prefect_batchllm.prefect.artifacts",
     "artifact_keys": "prefect_batchllm.prefect.artifacts",
+    "TerminalProgress": "prefect_batchllm.prefect.progress",
 }
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -20,12 +20,15 @@ from prefect.artifacts import (
     acreate_table_artifact,
     aupdate_progress_artifact,
 )
+from prefect.utilities.urls import url_for
 
 from prefect_batchllm.core.items import BatchResult
 
 logger = logging.getLogger("prefect_batchllm")
 
 __all__ = [
+    "MAX_MESSAGE_CHARS",
+    "MAX_SUMMARY_FAILURES",
     "MAX_TABLE_ROWS",
     "ProgressArtifact",
     "artifact_keys",
@@ -33,11 +36,24 @@ __all__ = [
     "publish_batch_artifacts",
     "slugify_key",
     "summary_markdown",
+    "task_run_link",
+    "task_run_metadata",
 ]
 
 #: Rows of the failed-items table beyond this are summarised (tables are stored as JSON in the DB).
 MAX_TABLE_ROWS = 1000
+#: The UI renders table cells on one line (no wrapping; the table scrolls sideways), so the table's
+#: ``message`` is cut here (it fits a 1400 px wide window); the summary's failed-items list and the task
+#: run carry the whole reason.
+MAX_MESSAGE_CHARS = 80
+#: Failed items listed, with their full reasons, in the summary markdown (the table has them all).
+MAX_SUMMARY_FAILURES = 50
+#: ``WorkItemResult.metadata`` keys naming the task run that executed a failed item (its own or its chunk's).
+TASK_RUN_ID_KEY = "prefect_task_run_id"
+TASK_RUN_NAME_KEY = "prefect_task_run_name"
 _KEY_RE = re.compile(r"^[a-z0-9-]+$")
+#: Characters that would turn a reason into markup in the UI's markdown (cells and list items alike).
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|])")
 
 
 def slugify_key(name: str, default: str = "run-batch") -> str:
@@ -61,14 +77,74 @@ def _fmt_int(value: int) -> str:
     return f"{value:,}"
 
 
+def task_run_metadata(ledger: Any) -> dict[str, str]:
+    """``WorkItemResult.metadata`` entries naming the task run recorded on an item's ledger (if any)."""
+    run_id = getattr(ledger, "task_run_id", None)
+    if not run_id:
+        return {}
+    meta = {TASK_RUN_ID_KEY: str(run_id)}
+    name = getattr(ledger, "task_run_name", None)
+    if name:
+        meta[TASK_RUN_NAME_KEY] = str(name)
+    return meta
+
+
+def task_run_link(task_run_id: str) -> str:
+    """The UI address of a task run: absolute when the UI URL is known (``PREFECT_UI_URL``, derived from
+    ``PREFECT_API_URL``), else the UI-relative ``/runs/task-run/<id>``, which works inside the UI."""
+    try:
+        url = url_for("task-run", obj_id=task_run_id)
+    except Exception:  # a link is a convenience; never fail an artifact over it
+        url = None
+    return url or f"/runs/task-run/{task_run_id}"
+
+
+def _md_text(text: str, limit: int | None = None) -> str:
+    """``text`` on one line, cut to ``limit`` characters, with markdown-special characters escaped."""
+    flat = " ".join(text.split())
+    if limit is not None and len(flat) > limit:
+        flat = flat[: limit - 1].rstrip() + "…"
+    return _MD_SPECIAL.sub(r"\\\1", flat)
+
+
+def _linked_id(result: Any) -> str:
+    """The item id, linked to its task run (per-item mode: the item's own; chunked: its chunk's)."""
+    label = _md_text(result.item_id)
+    run_id = (result.metadata or {}).get(TASK_RUN_ID_KEY)
+    return f"[{label}]({task_run_link(run_id)})" if run_id else label
+
+
+def _failed_list(batch: BatchResult[Any, Any], limit: int) -> list[str]:
+    """Markdown list of failed items with full reasons (list items wrap; table cells in the UI do not)."""
+    failed = batch.failed_items()
+    lines = ["", "## Failed items", ""]
+    for r in failed[:limit]:
+        attempts = f"{r.attempts} attempt{'s' if r.attempts != 1 else ''}"
+        where = ""
+        run_name = (r.metadata or {}).get(TASK_RUN_NAME_KEY)
+        if run_name and run_name != r.item_id:  # chunked mode: say which chunk's task run holds the logs
+            where = f" (in task run {_md_text(run_name)})"
+        category = _md_text(r.error_category or "unknown")
+        reason = _md_text(r.error or "no reason recorded")
+        lines.append(f"- {_linked_id(r)}{where} · **{category}** · {attempts}: {reason}")
+    if len(failed) > limit:
+        lines.append(f"- … and {len(failed) - limit:,} more in the failed-items table artifact")
+    return lines
+
+
 def summary_markdown(batch: BatchResult[Any, Any], title: str = "Batch summary") -> str:
     """Markdown: counts, tokens, cache hit rate, estimated cost, wall time, throughput, error categories."""
     wall = batch.wall_time_s
     rate = batch.total_items / wall if wall > 0 else 0.0
     replayed = sum(1 for r in batch.results if r.replayed)
     attempts = sum(r.attempts for r in batch.results)
+    failed = f"**{_fmt_int(batch.failed)} failed**" if batch.failed else "none failed"
     lines = [
         f"# {title}",
+        "",
+        f"{_fmt_int(batch.succeeded)} of {_fmt_int(batch.total_items)} items succeeded, {failed} · "
+        f"cache hit rate {batch.cache_hit_rate():.1f} % · estimated cost ${batch.estimated_cost_usd:,.4f} · "
+        f"{wall:.1f} s",
         "",
         "| metric | value |",
         "|---|---|",
@@ -96,18 +172,33 @@ def summary_markdown(batch: BatchResult[Any, Any], title: str = "Batch summary")
     if categories:
         lines += ["", "## Failures by category", "", "| category | items |", "|---|---|"]
         lines += [f"| {cat} | {n} |" for cat, n in sorted(categories.items(), key=lambda kv: -kv[1])]
+        lines += _failed_list(batch, MAX_SUMMARY_FAILURES)
     return "\n".join(lines) + "\n"
 
 
-def failed_items_table(batch: BatchResult[Any, Any], max_rows: int = MAX_TABLE_ROWS) -> dict[str, list[Any]]:
-    """Columns ``item_id, category, message, attempts`` of the failed items, in input order."""
+def failed_items_table(
+    batch: BatchResult[Any, Any], max_rows: int = MAX_TABLE_ROWS, max_message_chars: int = MAX_MESSAGE_CHARS
+) -> dict[str, list[Any]]:
+    """Columns ``item_id, category, attempts, message`` of the failed items, in input order.
+
+    The UI renders cells as markdown and never wraps them, so ``message`` is escaped, cut to
+    ``max_message_chars`` (the summary and the task run have the whole reason) and last, and it links to
+    the task run that ran the item (its own in per-item mode, its chunk's in chunked mode).
+    """
     failed = batch.failed_items()[:max_rows]
     return {
         "item_id": [r.item_id for r in failed],
         "category": [r.error_category or "unknown" for r in failed],
-        "message": [r.error or "" for r in failed],
         "attempts": [r.attempts for r in failed],
+        "message": [_linked_message(r, max_message_chars) for r in failed],
     }
+
+
+def _linked_message(result: Any, limit: int) -> str:
+    """The (cut, escaped) reason as a link to the item's task run, or plain when no task run ran it."""
+    text = _md_text(result.error or "no reason recorded", limit)
+    run_id = (result.metadata or {}).get(TASK_RUN_ID_KEY)
+    return f"[{text}]({task_run_link(run_id)})" if run_id else text
 
 
 async def publish_batch_artifacts(
@@ -127,7 +218,7 @@ async def publish_batch_artifacts(
         ids["failed"] = await acreate_table_artifact(
             failed_items_table(batch),
             key=keys["failed"],
-            description=f"{batch.failed} failed item(s){more}",
+            description=f"{batch.failed} failed item(s){more}; a message links to the task run that ran it",
         )
     except Exception as exc:  # artifacts are a view; never fail the batch over them
         logger.warning("could not publish batch artifacts for %r: %s", prefix, exc)

@@ -49,8 +49,9 @@ from prefect_batchllm.core.events import (
 )
 from prefect_batchllm.core.items import BatchResult, LLMWorkItem, WorkItemResult, check_unique_ids
 from prefect_batchllm.core.tokens import normalize_usage
-from prefect_batchllm.prefect.artifacts import ProgressArtifact, slugify_key
+from prefect_batchllm.prefect.artifacts import ProgressArtifact, slugify_key, task_run_metadata
 from prefect_batchllm.prefect.events import PauseEvents, PrefectEventBridge, batch_completed_data
+from prefect_batchllm.prefect.progress import close_terminal_progress, with_terminal_progress
 from prefect_batchllm.prefect.tasks import (
     BatchRun,
     chunk_result_store,
@@ -266,6 +267,13 @@ async def _artifact_prefix(config: ProcessorConfig) -> str:
     return slugify_key(name)
 
 
+def _run_label() -> str:
+    """This flow run's name (set by ``_batch_run_name``), for the terminal progress bar."""
+    ctx = FlowRunContext.get()
+    name = getattr(getattr(ctx, "flow_run", None), "name", None)
+    return name if isinstance(name, str) and name else "run-batch"
+
+
 def _unique_strategies(items: Sequence[LLMWorkItem[Any, Any]]) -> list[LLMCallStrategy[Any]]:
     seen: dict[int, LLMCallStrategy[Any]] = {}
     for item in items:
@@ -468,6 +476,7 @@ def _failed(
         attempts=ledger.attempts,
         duration_s=ledger.duration_s,
         model=_safe_model_name(item.strategy),
+        metadata=task_run_metadata(ledger),
     )
 
 
@@ -506,6 +515,7 @@ async def _run_batch(
     mws = list(middlewares or [])
     caller = _CALLER.get()
     bridge = PrefectEventBridge.for_current_run(caller.deployment_id if caller else None)
+    observers = with_terminal_progress(observers, label=_run_label())  # a live bar when a person watches
     events = EventDispatcher(
         [*(observers or []), *([bridge] if bridge else [])], timeout=config.progress_callback_timeout or 5.0
     )
@@ -577,7 +587,12 @@ async def _run_batch(
         if result.success:
             await events.emit(
                 ProcessingEvent.ITEM_COMPLETED,
-                {"item_id": result.item_id, "attempts": result.attempts, "replayed": result.replayed},
+                {
+                    "item_id": result.item_id,
+                    "attempts": result.attempts,
+                    "replayed": result.replayed,
+                    "token_usage": dict(result.token_usage),
+                },
             )
         else:
             await events.emit(
@@ -587,6 +602,7 @@ async def _run_batch(
                     "error": result.error,
                     "error_category": result.error_category,
                     "attempts": result.attempts,
+                    "token_usage": dict(result.token_usage),
                 },
             )
         completed += 1
@@ -678,6 +694,7 @@ async def _run_batch(
             if not config.dry_run:
                 await _shielded(_cleanup_all(run, strategies))
         finally:
+            close_terminal_progress(observers)
             close_run(run.key)
             aclose = getattr(admission, "aclose", None)
             if callable(aclose):
@@ -696,9 +713,33 @@ async def _run_batch(
     return batch
 
 
+def _batch_run_name() -> str:
+    """The UI name of a batch flow run, ``<batch>: <n> items`` (``in chunks of <k>``), not a random one.
+
+    ``<batch>`` is ``ProcessorConfig.artifact_key``, else the calling flow's name, else ``run-batch``.
+    """
+    try:
+        ctx = FlowRunContext.get()
+        params = ctx.parameters if ctx is not None and ctx.parameters else {}
+        config = params.get("config")
+        caller = _CALLER.get()
+        label = (
+            (config.artifact_key if isinstance(config, ProcessorConfig) else None)
+            or (caller.flow_name if caller else None)
+            or "run-batch"
+        )
+        name = f"{label}: {len(params['items']):,} items"
+        if isinstance(config, ProcessorConfig) and config.chunk_size:
+            name += f" in chunks of {config.chunk_size:,}"
+        return name
+    except Exception:  # a name is cosmetic; never fail the flow run over it
+        return "run-batch"
+
+
 run_batch: BatchFlow = BatchFlow(
     _run_batch,
     name="run-batch",
+    flow_run_name=_batch_run_name,
     description="Run a batch of LLM work items, one Prefect task run per item (or per chunk of items).",
     validate_parameters=False,
     log_prints=False,

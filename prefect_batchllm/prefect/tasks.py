@@ -228,6 +228,14 @@ def _attempt_number() -> int:
     return int(run_count) if run_count else 1
 
 
+def _record_task_run(ledger: ItemLedger) -> None:
+    """Remember which task run executes this attempt (the item's own, or its chunk's) for artifact links."""
+    task_run = getattr(TaskRunContext.get(), "task_run", None)
+    if task_run is not None:
+        ledger.task_run_id = str(task_run.id)
+        ledger.task_run_name = task_run.name
+
+
 async def attempt_item(item: LLMWorkItem[Any, Any], run: BatchRun, attempt: int) -> WorkItemResult[Any, Any]:
     """Logical attempt ``attempt`` of one item, in either execution mode.
 
@@ -236,6 +244,7 @@ async def attempt_item(item: LLMWorkItem[Any, Any], run: BatchRun, attempt: int)
     """
     item_id = item.item_id
     ledger = run.ledger(item_id)
+    _record_task_run(ledger)
     prepare_error = run.prepare_errors.get(id(item.strategy))
     if prepare_error is not None:
         ledger.attempts = max(ledger.attempts, 1)
@@ -424,7 +433,12 @@ def configured_item_task(config: ProcessorConfig) -> Any:
     )
 
 
-@task(name="summarize-batch", cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="summarize-batch",
+    task_run_name="summarize-{artifact_prefix}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 async def summarize_batch(
     results: list[WorkItemResult[Any, Any]], wall_time_s: float, artifact_prefix: str
 ) -> BatchResult[Any, Any]:
