@@ -727,6 +727,11 @@ class GeminiEmulator:
             )
         if fault.kind == "status":
             return _error(int(fault.code or 500), fault.message)
+        if fault.kind == "echo_api_key":
+            return _json_reply(
+                int(fault.code or 400),
+                error_body(int(fault.code or 400), f"{fault.message} (key={call.api_key})"),
+            )
         if fault.kind in ("hang", "delay"):
             return None if self._sleep(fault.seconds) else _Reply(0, drop=True)
         if fault.kind == "connection_reset":
