@@ -262,3 +262,95 @@ async def test_malformed_parts_and_overlong_prompts_are_invalid_input_never_sent
     assert "estimated input tokens" in by_id["too-long"].error
     assert by_id["fine"].success
     assert emulator.count("generateContent") == 1
+
+
+# -- 2. secrets never reach Prefect's records -------------------------------------------------------------
+
+
+class DeletingStrategy(GeminiStrategy[str]):
+    """Deletes its cache in ``cleanup()`` (an API call that can fail), to exercise the cleanup path."""
+
+    async def cleanup(self) -> None:
+        await self.model.delete_cache()
+
+
+def _files_containing(root: str, needle: bytes) -> list[str]:
+    import os
+
+    found = []
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            try:
+                with open(path, "rb") as handle:
+                    if needle in handle.read():
+                        found.append(path)
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.parametrize("source", ["credentials-block", "raw-genai-client"])
+async def test_echoed_key_appears_nowhere(
+    emulator: GeminiEmulator, source: str, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+    import os
+
+    from prefect.logging.handlers import APILogHandler
+
+    caplog.set_level(logging.INFO)
+    tag = _tag()
+    key = f"sk-{source}-{uuid.uuid4().hex}"  # unique per test: the session's PREFECT_HOME is shared
+
+    def model(label: str) -> GeminiCachedModel:
+        contents = [f"({tag}-{label}) shared context " * 40]
+        if source == "credentials-block":
+            credentials = GeminiCredentials(
+                api_key=SecretStr(key), base_url=emulator.base_url, api_version="v1beta"
+            )
+            return GeminiCachedModelBlock(
+                model=MODEL, credentials=credentials, cached_contents=contents
+            ).get_model()
+        from google import genai
+        from google.genai import types
+
+        options = types.HttpOptions(base_url=emulator.base_url, api_version="v1beta", retry_options=None)
+        return GeminiCachedModel(MODEL, genai.Client(api_key=key, http_options=options), contents)
+
+    echo = Fault.echo_api_key
+    # prepare: one 503 echoing the key on the cache lookup (retried), then a permanent 400 on one model's
+    # cache creation; items: a retried 500 and a final 400; cleanup: the cache delete fails with a 400.
+    emulator.faults.add(echo(503), endpoint="cachedContents.list", times=1)
+    emulator.faults.add(echo(400), endpoint="cachedContents.create", contains=f"({tag}-broken)", times=None)
+    emulator.faults.add(echo(500), contains="[item-001]", times=None)
+    emulator.faults.add(echo(400), contains="[item-002]", times=None)
+    emulator.faults.add(echo(400), endpoint="cachedContents.delete", times=None)
+
+    results = []
+    for chunk_size in (None, 3):
+        good, broken = DeletingStrategy(model("good")), DeletingStrategy(model("broken"))
+        items = [*_items(good, 4, f"{tag}-{chunk_size}"), LLMWorkItem("b-0", broken, f"({tag}) b")]
+        config = ProcessorConfig(retry=FAST_RETRY, chunk_size=chunk_size, artifact_key=f"secret-{tag}")
+        results.append(await run_batch(items, config))
+    await APILogHandler.aflush()
+
+    echoed = [r for r in emulator.requests if r.fault == "echo_api_key"]
+    assert {r.endpoint for r in echoed} == {
+        "cachedContents.list",
+        "cachedContents.create",
+        "generateContent",
+        "cachedContents.delete",
+    }
+    assert all(r.api_key == key for r in echoed)  # the server really echoed this key
+    for result in results:
+        by_id = result.by_id()
+        assert by_id["item-000"].success and by_id["item-003"].success
+        assert by_id["item-001"].error_category == "transient" and by_id["item-002"].error_category == "fatal"
+        assert "prepare() failed" in by_id["b-0"].error and "key=***" in by_id["b-0"].error
+        assert "key=***" in by_id["item-001"].error
+        assert key not in repr(result.results) and key not in result.to_dataframe().to_csv()
+    assert key not in caplog.text
+    out, err = capfd.readouterr()
+    assert key not in out and key not in err
+    assert _files_containing(os.environ["PREFECT_HOME"], key.encode()) == []

@@ -59,6 +59,7 @@ from prefect_batchllm.core.pricing import price_for
 from prefect_batchllm.core.stop import BatchStop
 from prefect_batchllm.core.tokens import normalize_usage
 from prefect_batchllm.prefect.artifacts import ProgressArtifact, slugify_key
+from prefect_batchllm.prefect.redaction import install_redaction
 from prefect_batchllm.prefect.tasks import (
     BatchRun,
     chunk_result_store,
@@ -541,6 +542,7 @@ async def _run_batch(
     therefore be idempotent (an upsert), or skip replayed results itself.
     """
     items, config = validate_batch_inputs(items, config)
+    install_redaction()
     mws = list(middlewares or [])
     events = EventDispatcher(observers, timeout=config.progress_callback_timeout or 5.0)
     admission = Unlimited() if config.dry_run else await _admission_for(config)
