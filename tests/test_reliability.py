@@ -353,4 +353,13 @@ async def test_echoed_key_appears_nowhere(
     assert key not in caplog.text
     out, err = capfd.readouterr()
     assert key not in out and key not in err
-    assert _files_containing(os.environ["PREFECT_HOME"], key.encode()) == []
+    # Everything Prefect wrote: PREFECT_HOME (results, local storage) and the API's database (the test
+    # harness keeps it in its own temp dir), SQLite WAL included.
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    db_dir = os.path.dirname(str(PREFECT_SERVER_DATABASE_CONNECTION_URL.value()).split(":///", 1)[-1])
+    roots = [os.environ["PREFECT_HOME"], db_dir]
+    for root in roots:
+        assert _files_containing(root, key.encode()) == [], root
+    # The scan did see this run's records: the masked messages are in the database.
+    assert _files_containing(db_dir, b"key=***"), db_dir
