@@ -363,3 +363,17 @@ async def test_echoed_key_appears_nowhere(
         assert _files_containing(root, key.encode()) == [], root
     # The scan did see this run's records: the masked messages are in the database.
     assert _files_containing(db_dir, b"key=***"), db_dir
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("empty.parquet", b""), ("corrupt.parquet", b"PAR1 not really parquet PAR1"), ("empty.csv", b"")],
+)
+def test_unreadable_table_names_the_file(tmp_path: Any, name: str, content: bytes) -> None:
+    from prefect_batchllm.dataframe import read_table
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="cannot read") as info:
+        read_table(path)
+    assert str(path) in str(info.value)
