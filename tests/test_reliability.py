@@ -52,6 +52,13 @@ class Recorder:
         return [data for event, data in self.events if event is kind]
 
 
+class DeletingStrategy(GeminiStrategy[str]):
+    """Deletes its cache in ``cleanup()`` (an API call that can fail), to exercise the cleanup path."""
+
+    async def cleanup(self) -> None:
+        await self.model.delete_cache()
+
+
 # -- 1. prepare() / cleanup() get the items' retries ------------------------------------------------------
 
 
@@ -111,6 +118,17 @@ async def test_prepare_with_a_rejected_key_fails_items_as_auth_without_retries()
         result = await run_batch(_items(GeminiStrategy(model), 3, tag), ProcessorConfig(retry=FAST_RETRY))
         assert {r.error_category for r in result.results} == {"auth"}
         assert emu.count("cachedContents.list") == 1 and emu.count("generateContent") == 0
+
+
+async def test_one_transient_cleanup_error_is_retried(emulator: GeminiEmulator) -> None:
+    tag = _tag()
+    model = GeminiCachedModel(MODEL, emulator.client(), [f"({tag}) context " * 50])
+    strategy = DeletingStrategy(model)
+    emulator.faults.add(Fault.status(503), endpoint="cachedContents.delete", times=1)
+    result = await run_batch(_items(strategy, 2, tag), ProcessorConfig(retry=FAST_RETRY))
+    assert result.succeeded == 2
+    assert [r.status for r in emulator.requests_for("cachedContents.delete")] == [503, 200]
+    assert emulator.caches == {}
 
 
 # -- 3. early stop on systematic errors -------------------------------------------------------------------
@@ -265,13 +283,6 @@ async def test_malformed_parts_and_overlong_prompts_are_invalid_input_never_sent
 
 
 # -- 2. secrets never reach Prefect's records -------------------------------------------------------------
-
-
-class DeletingStrategy(GeminiStrategy[str]):
-    """Deletes its cache in ``cleanup()`` (an API call that can fail), to exercise the cleanup path."""
-
-    async def cleanup(self) -> None:
-        await self.model.delete_cache()
 
 
 def _files_containing(root: str, needle: bytes) -> list[str]:
