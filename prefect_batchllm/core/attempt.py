@@ -320,7 +320,8 @@ def _model_name(strategy: LLMCallStrategy[Any]) -> str | None:
 
 
 def _max_output_tokens(strategy: LLMCallStrategy[Any]) -> int | None:
-    value = (getattr(strategy, "generation_config", None) or {}).get("max_output_tokens")
+    config = getattr(strategy, "generation_config", None)
+    value = config.get("max_output_tokens") if isinstance(config, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
