@@ -326,7 +326,10 @@ class _Handler(BaseHTTPRequestHandler):
                 chunks.append(self.rfile.read(size))
                 self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
+        data = self.rfile.read(length) if length > 0 else b""
+        if len(data) < length:  # the connection closed mid-body (e.g. the server is stopping): no request
+            raise ConnectionError(f"request body cut short: {len(data)} of {length} bytes")
+        return data
 
     def _dispatch(self) -> None:
         try:
