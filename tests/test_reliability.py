@@ -388,3 +388,31 @@ def test_unreadable_table_names_the_file(tmp_path: Any, name: str, content: byte
     with pytest.raises(ValueError, match="cannot read") as info:
         read_table(path)
     assert str(path) in str(info.value)
+
+
+async def test_flow_level_error_reaches_prefect_masked(
+    emulator: GeminiEmulator, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import os
+
+    from prefect.logging.handlers import APILogHandler
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    from prefect_batchllm.prefect import flows
+    from prefect_batchllm.prefect.flows import BatchFlowError
+
+    key = f"sk-flow-{uuid.uuid4().hex}"
+    strategy = GeminiStrategy(GeminiModel(MODEL, emulator.client(api_key=key)))
+
+    async def broken_admission(config: ProcessorConfig) -> Any:
+        raise RuntimeError(f"limits service rejected request with key={key}")
+
+    monkeypatch.setattr(flows, "_admission_for", broken_admission)
+    with pytest.raises(BatchFlowError, match=r"key=\*\*\*") as info:
+        await run_batch(_items(strategy, 2, _tag()), ProcessorConfig())
+    assert key not in str(info.value) and info.value.__cause__ is None
+    await APILogHandler.aflush()
+    assert key not in caplog.text
+    db_dir = os.path.dirname(str(PREFECT_SERVER_DATABASE_CONNECTION_URL.value()).split(":///", 1)[-1])
+    for root in (os.environ["PREFECT_HOME"], db_dir):
+        assert _files_containing(root, key.encode()) == [], root

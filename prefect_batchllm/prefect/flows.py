@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import logging
 import time
@@ -523,6 +524,28 @@ def _safe_model_name(strategy: Any) -> str | None:
 # The flow
 
 
+class BatchFlowError(RuntimeError):
+    """An unexpected error of the batch flow itself, re-raised with registered secrets masked."""
+
+
+def _masking_errors(fn: Any) -> Any:
+    """Flow-level errors reach Prefect (state message, logged traceback) with secrets masked and no cause."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except Exception as exc:
+            text = str(exc)
+            if redact(text) == text:
+                raise
+            masked = BatchFlowError(f"{type(exc).__name__}: {redact(text)}")
+        raise masked  # outside the except block: the original (with the secret) is not chained
+
+    return wrapper
+
+
+@_masking_errors
 async def _run_batch(
     items: Sequence[LLMWorkItem[Any, Any]],
     config: ProcessorConfig | None = None,
