@@ -416,3 +416,19 @@ async def test_flow_level_error_reaches_prefect_masked(
     db_dir = os.path.dirname(str(PREFECT_SERVER_DATABASE_CONNECTION_URL.value()).split(":///", 1)[-1])
     for root in (os.environ["PREFECT_HOME"], db_dir):
         assert _files_containing(root, key.encode()) == [], root
+
+
+async def test_pydantic_ai_agent_key_is_masked(emulator: GeminiEmulator) -> None:
+    from pydantic_ai import Agent
+    from pydantic_ai.models.google import GoogleModel
+    from pydantic_ai.providers.google import GoogleProvider
+
+    from prefect_batchllm.strategies.pydantic_ai import PydanticAIStrategy
+
+    key = f"sk-agent-{uuid.uuid4().hex}"
+    agent = Agent(GoogleModel(MODEL, provider=GoogleProvider(client=emulator.client(api_key=key))))
+    emulator.faults.add(Fault.echo_api_key(400), times=None)
+    result = await run_batch(_items(PydanticAIStrategy(agent), 2, _tag()), ProcessorConfig(retry=FAST_RETRY))
+    assert result.failed == 2 and all("key=***" in (r.error or "") for r in result.results)
+    assert key not in repr(result.results)
+    assert all(r.api_key == key for r in emulator.requests)

@@ -140,9 +140,9 @@ def register_client_key(client: Any) -> None:
     an error message echoing the key (a proxy, a gateway) would reach results, artifacts and logs.
     """
     api_client = getattr(client, "_api_client", None)
-    key = getattr(api_client, "api_key", None)
-    if isinstance(key, str):
-        register_secret(key)
+    for key in (getattr(api_client, "api_key", None), getattr(client, "api_key", None)):
+        if isinstance(key, str):
+            register_secret(key)
 
 
 class GeminiModel:
