@@ -162,6 +162,7 @@ async def test_rejected_key_stops_the_batch_early(chunk_size: int | None) -> Non
     )
     stops = recorder.of(ProcessingEvent.BATCH_STOPPED)
     assert len(stops) == 1 and stops[0]["category"] == "auth"
+    assert recorder.of(ProcessingEvent.BATCH_COMPLETED)[0]["stopped"] == "auth"
     assert rerun.succeeded == 200 and not any(r.replayed for r in rerun.results)
 
 

@@ -748,7 +748,13 @@ async def _run_batch(
     batch = await summarize_batch(quote(final), wall, prefix)
     await events.emit(
         ProcessingEvent.BATCH_COMPLETED,
-        {"total": batch.total_items, "succeeded": batch.succeeded, "failed": batch.failed},
+        {
+            "total": batch.total_items,
+            "succeeded": batch.succeeded,
+            "failed": batch.failed,
+            "stopped": run.stop.category.value if run.stop.category else None,
+            "stop_reason": run.stop.reason,
+        },
     )
     if config.fail_on_item_failure and batch.failed:
         raise BatchItemsFailed(batch)
