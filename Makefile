@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench emulator ui-check clean
+.PHONY: install demo test lint bench soak emulator ui-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,9 @@ ui-check: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --server
+
+soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak --rows 5000 --kills 10
 
 emulator: $(STAMP)
 	$(BIN)/prefect-batchllm emulator

@@ -80,10 +80,12 @@ def table_config(
     fail_on_item_failure: bool,
     artifact_key: str | None,
     chunk_size: int | None = None,
+    timeout_per_item: float = 120.0,
 ) -> ProcessorConfig:
     """The batch settings of a table job (results are always persisted: that is what makes reruns cheap)."""
     return ProcessorConfig(
         max_workers=max_workers,
+        timeout_per_item=timeout_per_item,
         retry=RetryConfig(max_attempts=max_attempts),
         rate_limit=RateLimitConfig(
             requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute
@@ -150,6 +152,7 @@ def enrich_table(
     max_attempts: int = 3,
     fail_on_item_failure: bool = True,
     chunk_size: int | None = None,
+    timeout_per_item: float = 120.0,
 ) -> dict[str, Any]:
     """Add LLM output columns to every row of ``input_path`` and write the table to ``output_path``.
 
@@ -157,8 +160,9 @@ def enrich_table(
     or ``"package.module:Model"`` for a pydantic model (one column per field); ``None`` adds a text
     ``output`` column. Rows are identified by ``id_column`` (or the row index), which is what lets a later
     run skip rows that already succeeded. ``chunk_size`` runs one task run per that many rows instead of
-    one per row (for tables of many thousands of rows). ``prompt_template_path`` is a template file or
-    directory (``prompt_template_name`` / ``prompt_template_version`` pick one; default the highest version).
+    one per row (for tables of many thousands of rows). ``timeout_per_item`` bounds one attempt (seconds).
+    ``prompt_template_path`` is a template file or directory (``prompt_template_name`` /
+    ``prompt_template_version`` pick one; default the highest version).
     """
     log = get_run_logger()
     template = load_prompt_template(
@@ -174,6 +178,7 @@ def enrich_table(
         fail_on_item_failure=fail_on_item_failure,
         artifact_key=prefix,
         chunk_size=chunk_size,
+        timeout_per_item=timeout_per_item,
     )
     df = read_table(input_path)
     frame, result = enrich_frame(
@@ -208,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-minute", type=int)
     parser.add_argument("--max-workers", type=int, default=8)
     parser.add_argument("--max-attempts", type=int, default=3)
+    parser.add_argument("--chunk-size", type=int, help="rows per task run (default: one task run per row)")
+    parser.add_argument("--timeout-per-item", type=float, default=120.0, help="seconds per attempt")
     parser.add_argument("--no-fail", dest="fail_on_item_failure", action="store_false")
     args = vars(parser.parse_args(argv))
     schema = args.pop("output_schema")

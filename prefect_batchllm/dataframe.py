@@ -122,14 +122,23 @@ def read_table(path: str | os.PathLike[str], *, format: str | None = None, **kwa
     The format comes from the extension (``.parquet``/``.pq``, ``.csv``, ``.tsv``, optionally compressed)
     unless ``format`` is given; ``kwargs`` go to ``pandas.read_parquet`` / ``read_csv``.
     """
+    import pyarrow as pa
+
     url = os.fspath(path)
     fmt = _format_of(url, format)
-    if fmt == "parquet":
-        with fsspec.open(url, "rb") as handle:
-            return pd.read_parquet(handle, **kwargs)
-    kwargs.setdefault("sep", "\t" if fmt == "tsv" else ",")
-    with fsspec.open(url, "rb", compression="infer") as handle:
-        return pd.read_csv(handle, **kwargs)
+    try:
+        if fmt == "parquet":
+            with fsspec.open(url, "rb") as handle:
+                return pd.read_parquet(handle, **kwargs)
+        kwargs.setdefault("sep", "\t" if fmt == "tsv" else ",")
+        with fsspec.open(url, "rb", compression="infer") as handle:
+            return pd.read_csv(handle, **kwargs)
+    except (pa.ArrowException, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        # pyarrow names an in-memory '<Buffer>', not the file: say which file is unreadable.
+        raise ValueError(
+            f"cannot read {fmt.upper()} table {url!r}: {type(exc).__name__}: {exc} "
+            "(is the file empty, truncated or not really that format?)"
+        ) from exc
 
 
 def write_table(

@@ -365,7 +365,7 @@ def test_missing_cache_404_is_transient() -> None:
     assert info.category is ErrorCategory.TRANSIENT and info.is_retryable
     other = {"error": {"code": 404, "message": "models/nope is not found", "status": "NOT_FOUND"}}
     verdict = DefaultErrorClassifier().classify(genai_errors.ClientError(404, other))
-    assert verdict.category is ErrorCategory.FATAL
+    assert verdict.category is ErrorCategory.NOT_FOUND
 
 
 def test_seed_keywords_are_exclusive_with_strategy() -> None:

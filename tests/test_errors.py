@@ -159,23 +159,26 @@ async def test_malformed_200_body(emulator):
 # -- fatal ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", [400, 401, 403])
-async def test_client_errors_are_fatal(emulator, code):
+@pytest.mark.parametrize(
+    ("code", "category"),
+    [(400, ErrorCategory.FATAL), (401, ErrorCategory.AUTH), (403, ErrorCategory.AUTH)],
+)
+async def test_client_errors_are_not_retried(emulator, code, category):
     for _label, call in both(emulator):
         emulator.faults.add(Fault.status(code))
-        check(classifier.classify(await failure(call)), ErrorCategory.FATAL, False)
+        check(classifier.classify(await failure(call)), category, False)
 
 
-async def test_invalid_api_key_is_fatal(emulator):
+async def test_invalid_api_key_is_auth(emulator):
     message = "API key not valid. Please pass a valid API key."
     for _label, call in both(emulator):
         emulator.faults.add(Fault.status(400, message))
         exc = await failure(call)
-        check(classifier.classify(exc), ErrorCategory.FATAL, False)
+        check(classifier.classify(exc), ErrorCategory.AUTH, False)
         assert "API key not valid" in str(exc)
 
 
-async def test_missing_api_key_is_fatal(emulator):
+async def test_missing_api_key_is_auth(emulator):
     # The SDK refuses an empty key client-side; blank the header to reach the server without one.
     options = types.HttpOptions(
         base_url=emulator.base_url, api_version="v1beta", headers={"x-goog-api-key": ""}
@@ -185,17 +188,17 @@ async def test_missing_api_key_is_fatal(emulator):
         ("pydantic-ai", pai_call(genai.Client(api_key="k", http_options=options))),
     ):
         exc = await failure(call)
-        check(classifier.classify(exc), ErrorCategory.FATAL, False)
+        check(classifier.classify(exc), ErrorCategory.AUTH, False)
         assert "unregistered callers" in str(exc), label
     assert emulator.count("generateContent", status=403) == 2
 
 
-async def test_unknown_model_is_fatal(emulator):
+async def test_unknown_model_is_not_found(emulator):
     for _label, call in (
         ("sdk", sdk_call(emulator.client(), "no-such-model")),
         ("pydantic-ai", pai_call(emulator.client(), "no-such-model")),
     ):
-        check(classifier.classify(await failure(call)), ErrorCategory.FATAL, False)
+        check(classifier.classify(await failure(call)), ErrorCategory.NOT_FOUND, False)
     assert emulator.count("generateContent", status=404) == 2
 
 
@@ -251,7 +254,7 @@ async def test_missing_cache_answer_is_recognised(emulator):
     emulator.faults.add(Fault.status(403))  # a plain permission error is not a missing cache
     other = await failure(sdk_call(client))
     assert not is_missing_cache_error(other)
-    check(classifier.classify(other), ErrorCategory.FATAL, False)
+    check(classifier.classify(other), ErrorCategory.AUTH, False)
 
 
 async def test_cache_size_rejection_is_fatal(emulator):
@@ -269,13 +272,13 @@ def test_httpx2_and_httpx_transport_errors_classify_alike():
         check(classifier.classify(family.RemoteProtocolError("reset")), ErrorCategory.TRANSIENT, True)
 
 
-async def test_invalid_api_key_is_fatal_with_the_real_error_shape() -> None:
+async def test_invalid_api_key_is_auth_with_the_real_error_shape() -> None:
     from prefect_batchllm.testing import GeminiEmulator
 
     with GeminiEmulator(valid_api_keys={"the-right-key"}) as emu:
         exc = await failure(sdk_call(emu.client(api_key="a-wrong-key")))
         assert getattr(exc, "code", None) == 400
         assert exc.details["error"]["details"][0]["reason"] == "API_KEY_INVALID"
-        check(classifier.classify(exc), ErrorCategory.FATAL, False)
+        check(classifier.classify(exc), ErrorCategory.AUTH, False)
         ok = await sdk_call(emu.client(api_key="the-right-key"))()
         assert ok.text

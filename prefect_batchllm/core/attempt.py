@@ -27,12 +27,15 @@ from prefect_batchllm.core.errors import (
     ErrorCategory,
     ErrorClassifier,
     ErrorInfo,
+    InvalidInputError,
     ItemTimeoutError,
     RateLimitRetriesExceeded,
     describe_error,
     redact,
     token_usage_of,
 )
+from prefect_batchllm.core.model_limits import input_token_limit
+from prefect_batchllm.core.stop import BatchStop, BatchStopped
 from prefect_batchllm.core.tokens import TokenUsage, add_usage, normalize_usage
 from prefect_batchllm.strategies.base import LLMCallStrategy, RetryState
 
@@ -171,11 +174,24 @@ async def _execute_once(
     config: ProcessorConfig,
     admission: Admission,
     classifier: ErrorClassifier,
+    stop: BatchStop | None = None,
 ) -> AttemptSuccess:
     timeout = config.timeout_per_item
-    permit = await admission.admit(strategy.estimate_tokens(prompt))
-    error: Exception | None = None
+    estimated = strategy.estimate_tokens(prompt)
+    reservation = None
+    if stop is not None:  # raises BatchStopped (nothing sent) once the batch has stopped
+        reservation = await stop.reserve(_model_name(strategy), estimated, _max_output_tokens(strategy))
     try:
+        permit = await admission.admit(estimated)
+    except BaseException:
+        if stop is not None:
+            stop.settle(reservation, None)
+        raise
+    error: Exception | None = None
+    billed: TokenUsage | None = None
+    try:
+        if stop is not None:
+            stop.check()  # the batch may have stopped while this attempt waited for admission
         ledger.executions += 1
         try:
             async with asyncio.timeout(timeout) as scope:
@@ -191,12 +207,15 @@ async def _execute_once(
         if error is None:
             permit.reconcile(usage["input_tokens"])
             ledger.token_usage = add_usage(ledger.token_usage, usage)
+            billed = usage
         else:
             billed = token_usage_of(error)
             permit.reconcile(normalize_usage(billed)["input_tokens"] if billed else None)
             if billed:
                 ledger.token_usage = add_usage(ledger.token_usage, billed)
     finally:
+        if stop is not None:
+            stop.settle(reservation, billed)
         await permit.release()
 
     if error is None:
@@ -204,6 +223,8 @@ async def _execute_once(
         if ratings:
             ledger.safety_ratings = ratings
         await admission.report_success()
+        if stop is not None:
+            await stop.record(None)
         return AttemptSuccess(output, usage, metadata, ratings)
 
     if isinstance(error, BlockedResponseError) and error.safety_ratings:
@@ -215,6 +236,8 @@ async def _execute_once(
     failure = AttemptFailed(ledger.item_id, attempt, info, describe_error(error))
     ledger.last_error = failure
     ledger.last_exception = error
+    if stop is not None:
+        await stop.record(info.category, failure.message)
     raise failure from error
 
 
@@ -228,6 +251,7 @@ async def run_attempt(
     admission: Admission,
     classifier: ErrorClassifier,
     on_rate_limit: RateLimitHook | None = None,
+    stop: BatchStop | None = None,
 ) -> AttemptSuccess:
     """Run logical attempt ``attempt`` (1-based) of one item; raise :class:`AttemptFailed` if it failed.
 
@@ -235,6 +259,19 @@ async def run_attempt(
     always released. Tokens billed for failed calls are added to ``ledger.token_usage``. In a dry run the
     strategy's ``dry_run()`` answers and nothing is admitted.
     """
+    if not config.dry_run:
+        try:
+            check_prompt(strategy, prompt)
+        except InvalidInputError as exc:  # never sent: the item keeps attempts=0
+            failure = AttemptFailed(ledger.item_id, attempt, _classify(classifier, exc), describe_error(exc))
+            ledger.last_error, ledger.last_exception = failure, exc
+            raise failure from None
+    if stop is not None:
+        try:
+            stop.check()
+        except BatchStopped as stopped:
+            raise _not_attempted(ledger, attempt, stopped) from None
+    previous_attempts = ledger.attempts
     ledger.attempts = max(ledger.attempts, attempt)
     if ledger.started_at is None:
         ledger.started_at = time.monotonic()
@@ -246,9 +283,14 @@ async def run_attempt(
         ledger.token_usage = add_usage(ledger.token_usage, usage)
         return AttemptSuccess(output, usage, metadata, _safety_ratings(metadata))
 
+    sent_before = ledger.executions
     while True:
         try:
-            return await _execute_once(strategy, prompt, attempt, ledger, config, admission, classifier)
+            return await _execute_once(strategy, prompt, attempt, ledger, config, admission, classifier, stop)
+        except BatchStopped as stopped:
+            if ledger.executions == sent_before:  # this attempt never reached the provider
+                ledger.attempts = previous_attempts
+            raise _not_attempted(ledger, attempt, stopped) from None
         except _RateLimited as limited:
             ledger.rate_limit_retries += 1
             if ledger.rate_limit_retries > config.retry.max_rate_limit_retries:
@@ -264,6 +306,55 @@ async def run_attempt(
                 exceeded.__cause__ = limited.error
                 raise failure from limited.error
             await _pause_after_rate_limit(limited.info, config, admission, on_rate_limit)
+
+
+def _not_attempted(ledger: ItemLedger, attempt: int, stopped: BatchStopped) -> AttemptFailed:
+    """The quiet failure of an attempt the batch stop did not admit (category of the stop, not retryable)."""
+    failure = AttemptFailed(ledger.item_id, attempt, stopped.info(), stopped.reason)
+    ledger.last_error, ledger.last_exception = failure, None
+    return failure
+
+
+def _model_name(strategy: LLMCallStrategy[Any]) -> str | None:
+    try:
+        name = strategy.model_name
+    except Exception:  # a user property that raises: treat the model as unknown
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _max_output_tokens(strategy: LLMCallStrategy[Any]) -> int | None:
+    config = getattr(strategy, "generation_config", None)
+    value = config.get("max_output_tokens") if isinstance(config, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+#: Python values that are never a content part (a list of parts holds text, bytes, dicts or SDK objects).
+_NOT_PARTS = (bool, int, float, complex)
+
+
+def check_prompt(strategy: LLMCallStrategy[Any], prompt: Any) -> None:
+    """Reject a prompt that cannot be sent, before any request: malformed content parts (``None``, numbers)
+    or more estimated input tokens than the model accepts (:mod:`~prefect_batchllm.core.model_limits`).
+
+    Raises :class:`InvalidInputError` (category ``invalid_input``, never retried).
+    """
+    if isinstance(prompt, list | tuple):
+        for index, part in enumerate(prompt):
+            if part is None or isinstance(part, _NOT_PARTS):
+                raise InvalidInputError(
+                    f"prompt content part {index} is {type(part).__name__} {part!r}: a content part must be "
+                    "text, bytes, a dict or a google.genai Part/Content (fix or drop that part)"
+                )
+    limit = input_token_limit(_model_name(strategy))
+    if limit is not None:
+        estimated = strategy.estimate_tokens(prompt)
+        if estimated > limit:
+            raise InvalidInputError(
+                f"prompt has ~{estimated:,} estimated input tokens, more than "
+                f"{_model_name(strategy)} accepts ({limit:,}); shorten it "
+                "(or raise the limit with core.model_limits.register_input_limit)"
+            )
 
 
 async def _pause_after_rate_limit(

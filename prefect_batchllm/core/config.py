@@ -270,6 +270,12 @@ class ProcessorConfig:
     )
     artifact_key: str | None = None  # artifact key prefix; default derived from the flow / deployment
     chunk_size: int | None = None  # None: one task run per item; N: one task run per N consecutive items
+    #: Stop admitting work after this many consecutive errors of one systematic category (auth, not_found,
+    #: quota_exhausted); the rest fail with that category and attempts 0. None or 0: never stop early.
+    stop_after_systematic_errors: int | None = 3
+    #: Stop admitting items once spent plus in-flight estimated cost would exceed this (USD); the rest
+    #: fail with ``budget_exceeded`` and attempts 0. None: no budget.
+    max_cost_usd: float | None = None
 
     def __post_init__(self) -> None:
         _check_number(
@@ -312,7 +318,22 @@ class ProcessorConfig:
                 "max_queue_size": (True, False),
                 "cache_expiration_s": (False, True),
                 "chunk_size": (True, True),
+                "stop_after_systematic_errors": (True, True),
+                "max_cost_usd": (False, True),
             },
+        )
+        _require(
+            self.stop_after_systematic_errors is None or self.stop_after_systematic_errors >= 0,
+            own,
+            "stop_after_systematic_errors",
+            "must be an int >= 1 (consecutive errors), or None / 0 to never stop early, "
+            f"got {self.stop_after_systematic_errors!r}",
+        )
+        _require(
+            self.max_cost_usd is None or _positive(self.max_cost_usd),
+            own,
+            "max_cost_usd",
+            f"must be > 0 (USD) or None (no budget), got {self.max_cost_usd!r}",
         )
         _require(
             isinstance(self.max_workers, int) and self.max_workers >= 1,

@@ -32,7 +32,11 @@ class ErrorCategory(StrEnum):
     TIMEOUT = "timeout"  # per-attempt timeout or transport timeout
     INVALID_OUTPUT = "invalid_output"  # parse / schema validation failure: retry, maybe with a correction
     BLOCKED = "blocked"  # safety block / prompt feedback: never retried
-    FATAL = "fatal"  # 400, 401, 403 auth, 404 model, programming errors
+    FATAL = "fatal"  # other 4xx requests the API rejects, programming errors
+    AUTH = "auth"  # invalid / revoked key (400 API_KEY_INVALID), 401, 403 PERMISSION_DENIED: fails every item
+    NOT_FOUND = "not_found"  # 404: unknown model (or method); fails every item
+    INVALID_INPUT = "invalid_input"  # the prompt itself is unusable (malformed parts, too long): never sent
+    BUDGET_EXCEEDED = "budget_exceeded"  # not attempted: ProcessorConfig.max_cost_usd would be exceeded
     CANCELLED = "cancelled"  # the run was cancelled before the item finished
     UNKNOWN = "unknown"  # nothing matched: retried, conservatively
 
@@ -45,6 +49,14 @@ RETRYABLE_CATEGORIES = frozenset(
         ErrorCategory.INVALID_OUTPUT,
         ErrorCategory.UNKNOWN,
     }
+)
+
+
+#: Categories that will fail every later item of the batch too (the key, the model or the day's quota is
+#: wrong, not the item): enough consecutive ones stop the batch early
+#: (``ProcessorConfig.stop_after_systematic_errors``).
+SYSTEMATIC_CATEGORIES = frozenset(
+    {ErrorCategory.AUTH, ErrorCategory.NOT_FOUND, ErrorCategory.QUOTA_EXHAUSTED}
 )
 
 
@@ -124,6 +136,10 @@ class ItemTimeoutError(BatchLLMError, TimeoutError):
     """One attempt exceeded ``timeout_per_item``."""
 
 
+class InvalidInputError(BatchLLMError):
+    """The prompt cannot be sent as it is (malformed content parts, longer than the model accepts)."""
+
+
 class RateLimitRetriesExceeded(BatchLLMError):
     """An item was rate limited more often than ``RetryConfig.max_rate_limit_retries`` allows."""
 
@@ -183,6 +199,8 @@ class DefaultErrorClassifier(ErrorClassifier):
             return ErrorInfo(ErrorCategory.BLOCKED, False, reason=_short(exc))
         if isinstance(exc, InvalidOutputError):
             return ErrorInfo(ErrorCategory.INVALID_OUTPUT, True, reason=_short(exc))
+        if isinstance(exc, InvalidInputError):
+            return ErrorInfo(ErrorCategory.INVALID_INPUT, False, reason=_short(exc))
         if isinstance(exc, RateLimitRetriesExceeded):
             return ErrorInfo(ErrorCategory.RATE_LIMITED, False, reason=_short(exc))
         if isinstance(exc, asyncio.CancelledError):
@@ -226,6 +244,10 @@ class DefaultErrorClassifier(ErrorClassifier):
             return ErrorInfo(ErrorCategory.RATE_LIMITED, True, retry_after_of(exc), reason)
         if status in _TRANSIENT_STATUS or status >= 500:
             return ErrorInfo(ErrorCategory.TRANSIENT, True, retry_after_of(exc), reason)
+        if status in (401, 403) or _is_invalid_key(exc):
+            return ErrorInfo(ErrorCategory.AUTH, False, reason=reason)
+        if status == 404:
+            return ErrorInfo(ErrorCategory.NOT_FOUND, False, reason=reason)
         if status in _FATAL_STATUS or 400 <= status < 500:
             return ErrorInfo(ErrorCategory.FATAL, False, reason=reason)
         return None
@@ -345,6 +367,16 @@ def _is_daily_quota(exc: BaseException) -> bool:
             if isinstance(violation, dict) and "perday" in str(violation.get("quotaId", "")).lower():
                 return True
     return False
+
+
+def _is_invalid_key(exc: BaseException) -> bool:
+    """A 400 that means the API key is wrong: ErrorInfo reason ``API_KEY_INVALID`` (or its message)."""
+    if status_code_of(exc) != 400:
+        return False
+    for detail in _error_details(exc):
+        if str(detail.get("reason", "")).upper() in ("API_KEY_INVALID", "API_KEY_EXPIRED"):
+            return True
+    return "api key not valid" in str(exc).lower() or "api key expired" in str(exc).lower()
 
 
 def _is_missing_cache(exc: BaseException) -> bool:

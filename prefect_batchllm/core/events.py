@@ -32,7 +32,8 @@ class ProcessingEvent(StrEnum):
     ITEM_RETRYING = "item_retrying"
     ITEM_COMPLETED = "item_completed"
     ITEM_FAILED = "item_failed"
-    BUDGET_EXCEEDED = "budget_exceeded"
+    BATCH_STOPPED = "batch_stopped"  # systematic errors: no new attempt is admitted (data: category, reason)
+    BUDGET_EXCEEDED = "budget_exceeded"  # max_cost_usd reached: no new attempt is admitted
     BATCH_COMPLETED = "batch_completed"
 
 

@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING, Any, Union
 from google.genai import types
 from pydantic import BaseModel, ValidationError
 
-from prefect_batchllm.core.errors import BlockedResponseError, InvalidOutputError, is_missing_cache_error
+from prefect_batchllm.core.errors import (
+    BlockedResponseError,
+    InvalidOutputError,
+    is_missing_cache_error,
+    register_secret,
+)
 from prefect_batchllm.core.pricing import bare_model_name
 from prefect_batchllm.core.tokens import TokenUsage, normalize_usage
 from prefect_batchllm.models.base import LLMResponse
@@ -128,6 +133,18 @@ def _validate_model_and_client(model: Any, client: Any) -> None:
         )
 
 
+def register_client_key(client: Any) -> None:
+    """Register the API key a ``genai.Client`` was built with for masking (however the key came in).
+
+    A model built on ``genai.Client(api_key=...)`` never passes through ``GeminiCredentials``; without this
+    an error message echoing the key (a proxy, a gateway) would reach results, artifacts and logs.
+    """
+    api_client = getattr(client, "_api_client", None)
+    for key in (getattr(api_client, "api_key", None), getattr(client, "api_key", None)):
+        if isinstance(key, str):
+            register_secret(key)
+
+
 class GeminiModel:
     """An :class:`~prefect_batchllm.models.base.LLMModel` backed by ``client.aio.models.generate_content``.
 
@@ -154,6 +171,8 @@ class GeminiModel:
         #: The client as given (a ``genai.Client`` or a factory); requests go through :meth:`_client`.
         self.client = client
         self._client_factory: Callable[[], genai.Client] | None = None if hasattr(client, "aio") else client
+        if self._client_factory is None:
+            register_client_key(client)
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, genai.Client] = (
             weakref.WeakKeyDictionary()
         )
@@ -179,6 +198,7 @@ class GeminiModel:
                 client = self._client_factory()
                 if not hasattr(client, "aio"):
                     raise TypeError(f"client factory returned {type(client).__name__}, not a genai.Client")
+                register_client_key(client)
                 self._clients[loop] = client
         return client
 

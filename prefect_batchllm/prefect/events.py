@@ -14,6 +14,7 @@ name                        payload
 ``rate-limit.paused``       ``seconds`` (planned), ``pause`` (1, 2, ... within this batch)
 ``rate-limit.resumed``      ``paused_seconds``, ``pause``
 ``budget.exceeded``         what the budget stop reports (spent, budget, ...)
+``batch.stopped``           errors that fail every item stopped the batch early (category, reason)
 ==========================  ===========================================================================
 
 Every event's primary resource is the batch, ``prefect-batchllm.batch.<flow run id>``; its related resources
@@ -75,6 +76,7 @@ _EVENT_NAMES: dict[ProcessingEvent, str] = {
     ProcessingEvent.COOLDOWN_STARTED: f"{EVENT_PREFIX}.rate-limit.paused",
     ProcessingEvent.COOLDOWN_ENDED: f"{EVENT_PREFIX}.rate-limit.resumed",
     ProcessingEvent.BUDGET_EXCEEDED: f"{EVENT_PREFIX}.budget.exceeded",
+    ProcessingEvent.BATCH_STOPPED: f"{EVENT_PREFIX}.batch.stopped",
 }
 
 

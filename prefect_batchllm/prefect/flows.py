@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import logging
 import time
@@ -37,7 +38,14 @@ from prefect.utilities.callables import get_call_parameters
 from prefect_batchllm.core.admission import Admission, Unlimited
 from prefect_batchllm.core.attempt import AttemptFailed
 from prefect_batchllm.core.config import ProcessorConfig
-from prefect_batchllm.core.errors import DefaultErrorClassifier, ErrorClassifier, describe_error
+from prefect_batchllm.core.errors import (
+    DefaultErrorClassifier,
+    ErrorCategory,
+    ErrorClassifier,
+    ErrorInfo,
+    describe_error,
+    redact,
+)
 from prefect_batchllm.core.events import (
     EventDispatcher,
     Middleware,
@@ -48,10 +56,13 @@ from prefect_batchllm.core.events import (
     call_user_hook,
 )
 from prefect_batchllm.core.items import BatchResult, LLMWorkItem, WorkItemResult, check_unique_ids
+from prefect_batchllm.core.pricing import price_for
+from prefect_batchllm.core.stop import BatchStop
 from prefect_batchllm.core.tokens import normalize_usage
 from prefect_batchllm.prefect.artifacts import ProgressArtifact, slugify_key, task_run_metadata
 from prefect_batchllm.prefect.events import PauseEvents, PrefectEventBridge, batch_completed_data
 from prefect_batchllm.prefect.progress import close_terminal_progress, with_terminal_progress
+from prefect_batchllm.prefect.redaction import install_redaction
 from prefect_batchllm.prefect.tasks import (
     BatchRun,
     chunk_result_store,
@@ -128,6 +139,15 @@ def validate_batch_inputs(items: Any, config: Any) -> tuple[list[LLMWorkItem[Any
                 f"got {type(item.prompt).__name__}"
             )
     check_unique_ids(items)
+    if config.max_cost_usd is not None and not config.dry_run:
+        for strategy in _unique_strategies(items):
+            model = _safe_model_name(strategy)
+            if price_for(model) is None:
+                raise ValueError(
+                    f"ProcessorConfig.max_cost_usd is set but {type(strategy).__name__} uses model "
+                    f"{model!r}, which has no known price: call prefect_batchllm.core.pricing."
+                    "register_price(model, ModelPrice(...)) first, or drop max_cost_usd"
+                )
     return items, config
 
 
@@ -290,6 +310,24 @@ def _overrides(strategy: LLMCallStrategy[Any], hook: str) -> bool:
     return getattr(type(strategy), hook, None) is not getattr(LLMCallStrategy, hook)
 
 
+def _batch_stop(config: ProcessorConfig, events: EventDispatcher) -> BatchStop:
+    """The batch's stop switch: systematic errors and the cost budget, reported as ProcessingEvents."""
+
+    async def on_stop(category: ErrorCategory, reason: str, data: dict[str, Any]) -> None:
+        event = (
+            ProcessingEvent.BUDGET_EXCEEDED
+            if category is ErrorCategory.BUDGET_EXCEEDED
+            else ProcessingEvent.BATCH_STOPPED
+        )
+        await events.emit(event, {"category": category.value, "reason": reason, **data})
+
+    return BatchStop(
+        stop_after_errors=None if config.dry_run else config.stop_after_systematic_errors,
+        max_cost_usd=None if config.dry_run else config.max_cost_usd,
+        on_stop=on_stop,
+    )
+
+
 async def _prepare_all(
     run: BatchRun, strategies: list[LLMCallStrategy[Any]], start: int = 0, limit: int | None = None
 ) -> None:
@@ -311,9 +349,12 @@ async def _prepare_all(
             )
         if not state.is_completed():
             exc = await state.aresult(raise_on_failure=False)
-            reason = describe_error(exc) if isinstance(exc, BaseException) else str(state.message)
-            run.prepare_errors[id(strategy)] = reason
-            logger.warning("prepare() of %s failed; its items fail: %s", type(strategy).__name__, reason)
+            if not isinstance(exc, AttemptFailed):  # the task itself could not run
+                reason = describe_error(exc) if isinstance(exc, BaseException) else redact(str(state.message))
+                info = ErrorInfo(ErrorCategory.UNKNOWN, False, reason=reason)
+                exc = AttemptFailed(type(strategy).__name__, 1, info, f"prepare() failed: {reason}")
+            run.prepare_errors[id(strategy)] = exc
+            logger.warning("prepare() of %s failed; its items fail: %s", type(strategy).__name__, exc)
 
     await asyncio.gather(*(prepare(i, s) for i, s in enumerate(strategies, start)))
 
@@ -493,6 +534,28 @@ def _safe_model_name(strategy: Any) -> str | None:
 # The flow
 
 
+class BatchFlowError(RuntimeError):
+    """An unexpected error of the batch flow itself, re-raised with registered secrets masked."""
+
+
+def _masking_errors(fn: Any) -> Any:
+    """Flow-level errors reach Prefect (state message, logged traceback) with secrets masked and no cause."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except Exception as exc:
+            text = str(exc)
+            if redact(text) == text:
+                raise
+            masked = BatchFlowError(f"{type(exc).__name__}: {redact(text)}")
+        raise masked  # outside the except block: the original (with the secret) is not chained
+
+    return wrapper
+
+
+@_masking_errors
 async def _run_batch(
     items: Sequence[LLMWorkItem[Any, Any]],
     config: ProcessorConfig | None = None,
@@ -512,6 +575,7 @@ async def _run_batch(
     therefore be idempotent (an upsert), or skip replayed results itself.
     """
     items, config = validate_batch_inputs(items, config)
+    install_redaction()
     mws = list(middlewares or [])
     caller = _CALLER.get()
     bridge = PrefectEventBridge.for_current_run(caller.deployment_id if caller else None)
@@ -522,6 +586,7 @@ async def _run_batch(
     pauses = PauseEvents(events)  # the limiter's 429 pauses -> COOLDOWN_STARTED / COOLDOWN_ENDED
     admission = Unlimited() if config.dry_run else await _admission_for(config, on_pause=pauses.on_pause)
     run = BatchRun(config, admission, error_classifier or DefaultErrorClassifier(), events)
+    run.stop = _batch_stop(config, events)
     total = len(items)
     results: list[WorkItemResult[Any, Any] | None] = [None] * total
     strategies = _unique_strategies(items)
@@ -707,7 +772,14 @@ async def _run_batch(
         raise RuntimeError(f"internal error: {total - len(final)} items have no result")
     await progress.update(completed, force=True)
     batch = await summarize_batch(quote(final), wall, prefix)
-    await events.emit(ProcessingEvent.BATCH_COMPLETED, batch_completed_data(batch))
+    await events.emit(
+        ProcessingEvent.BATCH_COMPLETED,
+        {
+            **batch_completed_data(batch),
+            "stopped": run.stop.category.value if run.stop.category else None,
+            "stop_reason": run.stop.reason,
+        },
+    )
     if config.fail_on_item_failure and batch.failed:
         raise BatchItemsFailed(batch)
     return batch

@@ -37,11 +37,12 @@ from prefect.logging import get_run_logger
 from prefect.results import ResultStore, get_result_store
 
 from prefect_batchllm.core.admission import Admission
-from prefect_batchllm.core.attempt import AttemptFailed, ItemLedger, run_attempt
+from prefect_batchllm.core.attempt import AttemptFailed, ItemLedger, _pause_after_rate_limit, run_attempt
 from prefect_batchllm.core.config import ProcessorConfig
-from prefect_batchllm.core.errors import ErrorCategory, ErrorClassifier, ErrorInfo, redact
+from prefect_batchllm.core.errors import ErrorCategory, ErrorClassifier, ErrorInfo, describe_error, redact
 from prefect_batchllm.core.events import EventDispatcher, ProcessingEvent
 from prefect_batchllm.core.items import BatchResult, LLMWorkItem, WorkItemResult
+from prefect_batchllm.core.stop import BatchStop
 from prefect_batchllm.prefect.artifacts import publish_batch_artifacts
 from prefect_batchllm.strategies.base import LLMCallStrategy
 
@@ -85,7 +86,10 @@ class BatchRun:
     events: EventDispatcher
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
     ledgers: dict[str, ItemLedger] = field(default_factory=dict)
-    prepare_errors: dict[int, str] = field(default_factory=dict)  # id(strategy) -> reason
+    #: id(strategy) -> the final, quiet failure of its ``prepare()`` (after retries); its items fail with it.
+    prepare_errors: dict[int, AttemptFailed] = field(default_factory=dict)
+    #: The batch-level stop (systematic errors, cost budget), checked before every attempt is admitted.
+    stop: BatchStop = field(default_factory=BatchStop)
     prepared: set[int] = field(default_factory=set)
     cleaned: set[int] = field(default_factory=set)
     #: Chunked mode: where item results are persisted (the store ``process_item`` would use), if at all.
@@ -182,20 +186,88 @@ class ItemCachePolicy(CachePolicy):
 # Tasks
 
 
-@task(name="prepare-strategy", task_run_name="prepare-{label}", cache_policy=NO_CACHE, persist_result=False)
+async def call_lifecycle_hook(run: BatchRun, label: str, strategy: LLMCallStrategy[Any], hook: str) -> None:
+    """``strategy.prepare()`` / ``cleanup()`` with the items' retry policy; raises a quiet AttemptFailed.
+
+    Classifier-driven: retryable errors are retried up to ``RetryConfig.max_attempts`` with its back-off
+    (jittered, at least the provider's ``RetryInfo`` delay); a 429 pauses the shared limiter, waits and
+    tries again without using an attempt (at most ``max_rate_limit_retries`` times). The final failure is
+    an :class:`AttemptFailed` carrying the real category, with a redacted message and no provider
+    traceback or cause, so Prefect's logs and task-run state never see the raw exception.
+    """
+    config = run.config
+    attempt = 1
+    rate_limits = 0
+    delay = 0.0
+    while True:
+        try:
+            await getattr(strategy, hook)()
+            return
+        except Exception as exc:
+            try:
+                info = run.classifier.classify(exc)
+            except Exception:  # a buggy user classifier must not hide the failure
+                info = ErrorInfo(ErrorCategory.UNKNOWN, True, reason=describe_error(exc))
+            message = describe_error(exc)
+            if info.is_rate_limit and info.is_retryable and rate_limits < config.retry.max_rate_limit_retries:
+                rate_limits += 1
+                get_run_logger().info("%s() of %s rate limited (%s); waiting", hook, label, message)
+                failure = None
+            elif info.is_retryable and attempt < config.retry.max_attempts:
+                delay = retry_delay(config, attempt, info.retry_after)
+                get_run_logger().info(
+                    "%s() of %s: attempt %d failed (%s); retrying in %.1f s",
+                    hook,
+                    label,
+                    attempt,
+                    message,
+                    delay,
+                )
+                failure = None
+            else:
+                if info.is_rate_limit:
+                    message = (
+                        f"rate limited {rate_limits + 1} times (max_rate_limit_retries); last: {message}"
+                    )
+                failure = AttemptFailed(label, attempt, info, f"{hook}() failed: {message}")
+        # Outside the except block: the provider exception (and its traceback) is not chained to anything.
+        if failure is not None:
+            raise failure
+        if info.is_rate_limit and info.is_retryable:
+            await _pause_after_rate_limit(info, config, run.admission, None)
+        else:
+            await asyncio.sleep(delay)
+            attempt += 1
+
+
+@task(
+    name="prepare-strategy",
+    task_run_name="prepare-{label}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=0,
+)
 async def prepare_strategy(label: str, strategy: LLMCallStrategy[Any], run_key: str) -> None:
-    """Call ``strategy.prepare()`` once for this flow run (e.g. find or create a context cache)."""
+    """Call ``strategy.prepare()`` once for this flow run (e.g. find or create a context cache), retried
+    like an item (:func:`call_lifecycle_hook`)."""
     run = get_run(run_key)
     run.prepared.add(id(strategy))
-    await strategy.prepare()
+    await call_lifecycle_hook(run, label, strategy, "prepare")
 
 
-@task(name="cleanup-strategy", task_run_name="cleanup-{label}", cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="cleanup-strategy",
+    task_run_name="cleanup-{label}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=0,
+)
 async def cleanup_strategy(label: str, strategy: LLMCallStrategy[Any], run_key: str) -> None:
-    """Call ``strategy.cleanup()`` once, after every item finished (caches are kept for later runs)."""
+    """Call ``strategy.cleanup()`` once, after every item finished (caches are kept for later runs),
+    retried like an item (:func:`call_lifecycle_hook`)."""
     run = get_run(run_key)
     run.cleaned.add(id(strategy))
-    await strategy.cleanup()
+    await call_lifecycle_hook(run, label, strategy, "cleanup")
 
 
 async def _retry_if_retryable(task: Any, task_run: Any, state: Any) -> bool:
@@ -246,11 +318,10 @@ async def attempt_item(item: LLMWorkItem[Any, Any], run: BatchRun, attempt: int)
     ledger = run.ledger(item_id)
     _record_task_run(ledger)
     prepare_error = run.prepare_errors.get(id(item.strategy))
-    if prepare_error is not None:
-        ledger.attempts = max(ledger.attempts, 1)
+    if prepare_error is not None:  # not attempted (attempts stay 0): fails with prepare's real category
         ledger.finished_at = time.monotonic()
-        info = ErrorInfo(ErrorCategory.FATAL, False, reason=prepare_error)
-        failure = AttemptFailed(item_id, attempt, info, f"strategy prepare() failed: {prepare_error}")
+        info = ErrorInfo(prepare_error.info.category, False, reason=prepare_error.info.reason)
+        failure = AttemptFailed(item_id, attempt, info, f"strategy {prepare_error.message}")
         ledger.last_error = failure
         raise failure
 
@@ -270,6 +341,7 @@ async def attempt_item(item: LLMWorkItem[Any, Any], run: BatchRun, attempt: int)
             admission=run.admission,
             classifier=run.classifier,
             on_rate_limit=on_rate_limit,
+            stop=run.stop,
         )
     except AttemptFailed as failure:
         if failure.retryable and attempt < run.config.retry.max_attempts:

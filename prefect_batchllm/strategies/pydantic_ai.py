@@ -16,6 +16,7 @@ from typing import Any
 from prefect_batchllm.core.errors import attach_token_usage
 from prefect_batchllm.core.pricing import bare_model_name
 from prefect_batchllm.core.tokens import TokenUsage
+from prefect_batchllm.models.gemini import register_client_key
 from prefect_batchllm.strategies.base import (
     MOCK_USAGE,
     LLMCallStrategy,
@@ -97,6 +98,16 @@ async def _run_agent(agent: Any, prompt: Any) -> tuple[Any, TokenUsage]:
     return result.output, usage
 
 
+def register_agent_key(agent: Any) -> None:
+    """Register the API key of an agent's model client for masking (e.g. ``GoogleProvider(api_key=...)``)."""
+    try:
+        client = getattr(getattr(agent, "model", None), "client", None)
+    except Exception:  # a model whose client property raises: nothing to register
+        return
+    if client is not None:
+        register_client_key(client)
+
+
 class PydanticAIStrategy(LLMCallStrategy[TOutput]):
     """Runs one shared pydantic-ai ``Agent`` per attempt: ``(result.output, usage)``.
 
@@ -106,6 +117,7 @@ class PydanticAIStrategy(LLMCallStrategy[TOutput]):
 
     def __init__(self, agent: Any) -> None:
         _check_agent(agent, "agent")
+        register_agent_key(agent)
         self.agent = agent
 
     def __repr__(self) -> str:
@@ -154,6 +166,7 @@ class AgentFactoryStrategy(LLMCallStrategy[TOutput]):
     def _agent_for(self, attempt: int) -> Any:
         agent = self.agent_factory(attempt)
         _check_agent(agent, f"agent_factory({attempt}) result")
+        register_agent_key(agent)
         return agent
 
     def _probe_agent(self) -> Any:

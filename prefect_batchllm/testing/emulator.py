@@ -326,7 +326,10 @@ class _Handler(BaseHTTPRequestHandler):
                 chunks.append(self.rfile.read(size))
                 self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
+        data = self.rfile.read(length) if length > 0 else b""
+        if len(data) < length:  # the connection closed mid-body (e.g. the server is stopping): no request
+            raise ConnectionError(f"request body cut short: {len(data)} of {length} bytes")
+        return data
 
     def _dispatch(self) -> None:
         try:
@@ -727,6 +730,11 @@ class GeminiEmulator:
             )
         if fault.kind == "status":
             return _error(int(fault.code or 500), fault.message)
+        if fault.kind == "echo_api_key":
+            return _json_reply(
+                int(fault.code or 400),
+                error_body(int(fault.code or 400), f"{fault.message} (key={call.api_key})"),
+            )
         if fault.kind in ("hang", "delay"):
             return None if self._sleep(fault.seconds) else _Reply(0, drop=True)
         if fault.kind == "connection_reset":

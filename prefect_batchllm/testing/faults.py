@@ -43,6 +43,14 @@ class Fault:
         return Fault("status", code=code, message=message)
 
     @staticmethod
+    def echo_api_key(code: int = 400, message: str = "Request rejected by gateway") -> Fault:
+        """An error status whose message echoes the request's API key (``x-goog-api-key`` header or ``key``
+        query parameter), as a misconfigured proxy or gateway may: for secret-masking tests."""
+        if not 400 <= code <= 599:
+            raise ValueError(f"echo_api_key fault needs a 4xx/5xx code, got {code}")
+        return Fault("echo_api_key", code=code, message=message)
+
+    @staticmethod
     def hang(seconds: float = 3600.0) -> Fault:
         """Hold the request for ``seconds`` (client timeouts fire), then answer normally."""
         return Fault("hang", seconds=float(seconds))
