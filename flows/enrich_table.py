@@ -69,6 +69,9 @@ def table_config(
     fail_on_item_failure: bool,
     artifact_key: str | None,
     chunk_size: int | None = None,
+    execution: str = "online",
+    batch_wait_timeout_s: float | None = None,
+    batch_followup: str | None = None,
 ) -> ProcessorConfig:
     """The batch settings of a table job (results are always persisted: that is what makes reruns cheap)."""
     return ProcessorConfig(
@@ -81,6 +84,9 @@ def table_config(
         persist_results=True,
         artifact_key=artifact_key,
         chunk_size=chunk_size,
+        execution=execution,
+        batch_wait_timeout_s=batch_wait_timeout_s,
+        batch_followup=batch_followup,
     )
 
 
@@ -137,6 +143,9 @@ def enrich_table(
     max_attempts: int = 3,
     fail_on_item_failure: bool = True,
     chunk_size: int | None = None,
+    execution: str = "online",
+    batch_wait_timeout_s: float | None = None,
+    batch_followup: str | None = None,
 ) -> dict[str, Any]:
     """Add LLM output columns to every row of ``input_path`` and write the table to ``output_path``.
 
@@ -145,6 +154,12 @@ def enrich_table(
     ``output`` column. Rows are identified by ``id_column`` (or the row index), which is what lets a later
     run skip rows that already succeeded. ``chunk_size`` runs one task run per that many rows instead of
     one per row (for tables of many thousands of rows).
+
+    ``execution="batch_api"`` sends the rows as Gemini batch jobs (half the price, answers within 24 h).
+    With ``batch_wait_timeout_s`` (e.g. 0) the run does not wait for a job: its rows end ``batch_pending``
+    and the next run of the deployment (e.g. hourly on schedule) re-attaches to the same job and collects
+    it, without submitting or paying again. ``batch_followup`` ("online" / "batch") re-runs rows a job
+    failed.
     """
     log = get_run_logger()
     template = load_prompt_template(prompt_template, prompt_template_path)
@@ -158,6 +173,9 @@ def enrich_table(
         fail_on_item_failure=fail_on_item_failure,
         artifact_key=prefix,
         chunk_size=chunk_size,
+        execution=execution,
+        batch_wait_timeout_s=batch_wait_timeout_s,
+        batch_followup=batch_followup,
     )
     df = read_table(input_path)
     frame, result = enrich_frame(

@@ -335,6 +335,32 @@ class GeminiStrategy(LLMCallStrategy[TOutput]):
             temperature=self.temperature,
             config=self._request_config(),
         )
+        return self.parse_response(response, state)
+
+    # -- the two halves of ``execute`` for Gemini batch jobs (request out, answer back) ----------------
+
+    async def batch_request(self, prompt: Any) -> tuple[Any, Any]:
+        """``(contents, GenerateContentConfig)`` of the request :meth:`execute` would send for ``prompt``
+        (first attempt): system instruction, safety settings, response schema and the model's context
+        cache, built by the model itself. Raises ``TypeError`` when the model cannot build requests."""
+        build = getattr(self.model, "request_config", None)
+        if not callable(build) or not callable(getattr(self.model, "to_llm_response", None)):
+            raise TypeError(
+                f"GeminiStrategy over {type(self.model).__name__} cannot run as a Gemini batch job: "
+                "the model must be a GeminiModel or GeminiCachedModel (or use execution='online')"
+            )
+        return prompt, await build(temperature=self.temperature, config=self._request_config())
+
+    def parse_batch_response(self, response: Any) -> tuple[TOutput, TokenUsage, dict[str, Any]]:
+        """``(output, usage, metadata)`` of a batch job's ``GenerateContentResponse``: the model's online
+        checks (blocked, empty) and this strategy's parser and validation, exactly as in :meth:`execute`."""
+        llm_response = self.model.to_llm_response(response, config=self._request_config())  # type: ignore[attr-defined]
+        return self.parse_response(llm_response)
+
+    def parse_response(
+        self, response: LLMResponse, state: RetryState | None = None
+    ) -> tuple[TOutput, TokenUsage, dict[str, Any]]:
+        """Parse and validate one model answer; raises :class:`InvalidOutputError` (with billed tokens)."""
         usage = response.token_usage()
         try:
             output = self.response_parser(response)
