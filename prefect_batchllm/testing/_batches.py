@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._schema import key_of
 from ._wire import Reply, error_reply, json_reply, rfc3339, user_text
 
 __all__ = [
@@ -363,13 +364,13 @@ class BatchStore:
         batch = (body or {}).get("batch")
         if not isinstance(batch, dict):
             return error_reply(400, "* BatchGenerateContentRequest.batch: batch is required\n")
-        config = batch.get("inputConfig")
+        config = key_of(batch, "inputConfig")
         if not isinstance(config, dict):
             return error_reply(
                 400, "* BatchGenerateContentRequest.batch.input_config: input_config is required\n"
             )
         inline = config.get("requests")
-        file_name = config.get("fileName")
+        file_name = key_of(config, "fileName")
         if (inline is None) == (file_name is None):
             return error_reply(
                 400,
@@ -415,7 +416,7 @@ class BatchStore:
             job = BatchJob(
                 name=f"batches/{job_id}",
                 model=model,
-                display_name=str(batch.get("displayName") or ""),
+                display_name=str(key_of(batch, "displayName") or ""),
                 requests=requests,
                 input_file=input_file,
                 created=now,
@@ -481,7 +482,8 @@ class BatchStore:
         meta = (body or {}).get("file") or {}
         if not isinstance(meta, dict):
             return error_reply(400, "* CreateFileRequest.file: must be an object\n")
-        size_text = headers.get("X-Goog-Upload-Header-Content-Length") or meta.get("sizeBytes")
+        # The SDK sends the File with snake_case keys; protobuf JSON accepts both spellings.
+        size_text = headers.get("X-Goog-Upload-Header-Content-Length") or key_of(meta, "sizeBytes")
         try:
             size = int(size_text) if size_text is not None else None
         except (TypeError, ValueError):
@@ -490,7 +492,7 @@ class BatchStore:
             return error_reply(
                 400, f"File size {size} bytes exceeds the maximum of {self.file_limit_bytes} bytes per file."
             )
-        mime = str(headers.get("X-Goog-Upload-Header-Content-Type") or meta.get("mimeType") or "")
+        mime = str(headers.get("X-Goog-Upload-Header-Content-Type") or key_of(meta, "mimeType") or "")
         with self._lock:
             requested = meta.get("name")
             name = _file_name(str(requested)) if requested else f"files/{_new_id(self._rng)}"
@@ -498,7 +500,11 @@ class BatchStore:
                 return error_reply(409, f"File {name} already exists.")
             upload_id = _new_id(self._rng, 32)
             self._uploads[upload_id] = _Upload(
-                upload_id, name, str(meta.get("displayName") or ""), mime or "application/octet-stream", size
+                upload_id,
+                name,
+                str(key_of(meta, "displayName") or ""),
+                mime or "application/octet-stream",
+                size,
             )
         url = f"{base_url}/upload/v1beta/files?upload_id={upload_id}&upload_protocol=resumable"
         return Reply(
