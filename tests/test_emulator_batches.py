@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -516,3 +518,37 @@ def _bytes_io(data: bytes) -> Any:
     import io
 
     return io.BytesIO(data)
+
+
+def test_cli_batch_options() -> None:
+    """The standalone server takes --batch-delay and --batch-outcome (the sync SDK surface works too)."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect_batchllm.testing",
+            "--port",
+            "0",
+            "--batch-delay",
+            "0,0",
+            "--batch-outcome",
+            "EXPIRED",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        base_url = proc.stdout.readline().strip()
+        assert base_url.startswith("http://127.0.0.1:")
+        c = genai.Client(api_key="k", http_options=types.HttpOptions(base_url=base_url, api_version="v1beta"))
+        job = c.batches.create(model=MODEL, src=[inline("cli batch", "c")])
+        assert job.name and job.state == types.JobState.JOB_STATE_PENDING
+        done = c.batches.get(name=job.name)
+        assert done.state == types.JobState.JOB_STATE_EXPIRED and done.dest is None
+        c.close()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0
