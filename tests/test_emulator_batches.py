@@ -329,6 +329,20 @@ async def test_outcome_rules_by_marker_and_default(emu: GeminiEmulator, client: 
         emu.set_batch_outcome("RUNNING")
 
 
+async def test_outcome_rule_for_the_next_job_only(emu: GeminiEmulator, client: genai.Client) -> None:
+    """An expired job's follow-up over the same prompts succeeds: ``times`` bounds a rule."""
+    emu.set_batch_outcome("CANCELLED", times=1)
+    src = [inline("same 1", "1"), inline("same 2", "2")]
+    first = await client.aio.batches.create(model=MODEL, src=src)
+    assert first.name and (await wait_done(client, first.name)).state == types.JobState.JOB_STATE_CANCELLED
+    again = await client.aio.batches.create(model=MODEL, src=src)
+    assert again.name
+    done = await wait_done(client, again.name)
+    assert done.state == types.JobState.JOB_STATE_SUCCEEDED and done.dest is not None
+    assert [r.metadata for r in done.dest.inlined_responses or []] == [{"key": "1"}, {"key": "2"}]
+    assert [r.batch for r in emu.batch_requests()] == [again.name, again.name]
+
+
 async def test_list_pages_and_delete(emu: GeminiEmulator, client: genai.Client) -> None:
     names = []
     for i in range(3):

@@ -32,6 +32,7 @@ __all__ = [
     "BatchJob",
     "BatchRequest",
     "BatchStore",
+    "OutcomeRule",
     "StoredFile",
     "grpc_code",
     "rpc_status",
@@ -233,6 +234,16 @@ class BatchJob:
         return op
 
 
+@dataclass
+class OutcomeRule:
+    """Jobs with a prompt containing ``contains`` (any job if None) end in ``state``, ``times`` times."""
+
+    state: str
+    contains: str | None = None
+    times: int | None = None
+    hits: int = 0
+
+
 Execute = Callable[[BatchJob, BatchRequest], dict[str, Any]]
 
 
@@ -256,7 +267,7 @@ class BatchStore:
         self.inline_limit_bytes = DEFAULT_INLINE_LIMIT_BYTES
         self.file_limit_bytes = DEFAULT_FILE_LIMIT_BYTES
         self.default_outcome = "BATCH_STATE_SUCCEEDED"
-        self.outcome_rules: list[tuple[str, str]] = []  # (prompt substring, terminal state)
+        self.outcome_rules: list[OutcomeRule] = []
 
     # -- configuration ---------------------------------------------------------------------------
 
@@ -268,16 +279,18 @@ class BatchStore:
             self.outcome_rules.clear()
             self.default_outcome = "BATCH_STATE_SUCCEEDED"
 
-    def set_outcome(self, state: str, contains: str | None = None) -> None:
-        """How jobs end once their delay has passed: for all jobs, or those with a prompt marker."""
+    def set_outcome(self, state: str, contains: str | None = None, times: int | None = None) -> None:
+        """How jobs end once their delay has passed: the default, or a rule (prompt marker and/or count)."""
         terminal = _state(state)
         if terminal not in TERMINAL_STATES:
             raise ValueError(f"a batch outcome must be a terminal state, got {state!r}")
+        if times is not None and times < 1:
+            raise ValueError("times must be >= 1 or None")
         with self._lock:
-            if contains is None:
+            if contains is None and times is None:
                 self.default_outcome = terminal
             else:
-                self.outcome_rules.append((contains, terminal))
+                self.outcome_rules.append(OutcomeRule(terminal, contains, times))
 
     def _delays(self) -> tuple[float, float]:
         delay = self.delay
@@ -310,9 +323,12 @@ class BatchStore:
                 self._finish(job, self._outcome_for(job))
 
     def _outcome_for(self, job: BatchJob) -> str:
-        for marker, state in self.outcome_rules:
-            if any(marker in r.prompt_text for r in job.requests):
-                return state
+        for rule in self.outcome_rules:
+            if rule.times is not None and rule.hits >= rule.times:
+                continue
+            if rule.contains is None or any(rule.contains in r.prompt_text for r in job.requests):
+                rule.hits += 1
+                return rule.state
         return self.default_outcome
 
     def finish(self, name: str, state: str) -> BatchJob:

@@ -25,9 +25,10 @@ Batch API (``client.aio.batches.*`` and ``client.aio.files.*``; under /v1, /v1be
 - States: PENDING -> RUNNING -> SUCCEEDED (or the outcome set below), advanced lazily on every read.
   ``batch_delay=d`` keeps a job PENDING d seconds then RUNNING d more; ``batch_delay=(p, r)`` sets both.
   It is an attribute read at every check: ``math.inf`` holds jobs, ``0`` releases them.
-- Forcing ends: ``set_batch_outcome("EXPIRED" | "FAILED" | "CANCELLED" | "SUCCEEDED", contains=None)``
-  (all later-finishing jobs, or only jobs with a prompt containing the marker); ``expire_batch(name)``,
-  ``fail_batch(name)``, ``finish_batch(name, state="SUCCEEDED")`` end a job now.
+- Forcing ends: ``set_batch_outcome("EXPIRED" | "FAILED" | "CANCELLED" | "SUCCEEDED", contains=None,
+  times=None)`` (the default for all jobs, or a rule for jobs with a prompt containing the marker and/or
+  the next ``times`` jobs to finish); ``expire_batch(name)``, ``fail_batch(name)``,
+  ``finish_batch(name, state="SUCCEEDED")`` end a job now. Cancelling a finished job is a no-op (200).
 - Each request of a job runs through the same code as online generateContent when the job succeeds:
   same validation (cache 403, conflicts), same deterministic answers (schema-valid JSON, enum, tool
   call), usage with ``cachedContentTokenCount``, and the same fault rules (``endpoint="generateContent"``
@@ -664,15 +665,17 @@ class GeminiEmulator:
     def file_size_limit_bytes(self, value: int) -> None:
         self._store.file_limit_bytes = int(value)
 
-    def set_batch_outcome(self, state: str, *, contains: str | None = None) -> None:
+    def set_batch_outcome(self, state: str, *, contains: str | None = None, times: int | None = None) -> None:
         """How jobs end when their delay has passed (default SUCCEEDED).
 
         ``state`` is "SUCCEEDED", "FAILED", "EXPIRED" or "CANCELLED" (a ``BATCH_STATE_*`` or ``JOB_STATE_*``
-        name works too). With ``contains``, only jobs with a request whose prompt contains that marker
-        end that way (first matching rule wins); without it, the default for every other job changes.
+        name works too). Without ``contains``/``times`` it sets the default for every job. Otherwise it adds
+        a rule, checked in order before the default: only jobs with a request whose prompt contains
+        ``contains`` (any job if None), for the next ``times`` such jobs (None = forever). E.g.
+        ``set_batch_outcome("EXPIRED", times=1)`` expires the next job to finish and no later one.
         Only SUCCEEDED jobs run their requests and have an output.
         """
-        self._store.set_outcome(state, contains)
+        self._store.set_outcome(state, contains, times)
 
     def finish_batch(self, name: str, state: str = "SUCCEEDED") -> dict[str, Any]:
         """End a job now, whatever its delay; returns its Operation. SUCCEEDED runs its requests."""
