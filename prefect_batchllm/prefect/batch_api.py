@@ -131,6 +131,8 @@ class BatchOutcome:
 
     value: WorkItemResult[Any, Any] | AttemptFailed
     replayed: bool = False
+    #: Added to a failed item's result metadata: ``billing="batch"`` and the job, when a job answered it.
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -503,13 +505,14 @@ class BatchApiStep:
     ) -> BatchOutcome:
         ledger = self.run.ledger(item.item_id)
         ledger.attempts = max(ledger.attempts, 1)
+        billed = {"billing": BATCH_BILLING, "batch_job": job.record.name}
         if answer.error is not None or answer.response is None:
             exc: Exception = answer_error(answer.error or {"code": 13, "message": "no response"})
-            return self._failure(item, exc)
+            return self._failure(item, exc, metadata=billed)
         try:
             output, usage, metadata = job.strategy.parse_batch_response(answer.response)
-        except Exception as exc:
-            return self._failure(item, exc)
+        except Exception as exc:  # blocked, empty or invalid answers: billed at batch prices
+            return self._failure(item, exc, metadata=billed)
         ledger.token_usage = normalize_usage(usage)
         ratings = metadata.get("safety_ratings") if isinstance(metadata.get("safety_ratings"), dict) else None
         result: WorkItemResult[Any, Any] = WorkItemResult(
@@ -521,12 +524,16 @@ class BatchApiStep:
             attempts=1,
             duration_s=duration,
             model=item.strategy.model_name,
-            metadata={**metadata, "billing": BATCH_BILLING, "batch_job": job.record.name},
+            metadata={**metadata, **billed},
         )
         return BatchOutcome(result)
 
     def _failure(
-        self, item: LLMWorkItem[Any, Any], exc: BaseException, message: str | None = None
+        self,
+        item: LLMWorkItem[Any, Any],
+        exc: BaseException,
+        message: str | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> BatchOutcome:
         """A classified failure, with the tokens the failed answer was billed (e.g. a blocked answer)."""
         ledger = self.run.ledger(item.item_id)
@@ -541,7 +548,7 @@ class BatchApiStep:
         ledger.last_exception = exc
         failure = AttemptFailed(item.item_id, 1, info, message or describe_error(exc))
         ledger.last_error = failure
-        return BatchOutcome(failure)
+        return BatchOutcome(failure, metadata=dict(metadata or {}))
 
     # -- resolving items -----------------------------------------------------------------------------
 

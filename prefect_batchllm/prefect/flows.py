@@ -549,6 +549,7 @@ async def _run_batch(
         batch_outcome = await batch_step.outcome(current) if batch_step is not None else None
         if batch_outcome is not None:  # answered (or failed) by a Gemini batch job
             result, error = _outcome(batch_outcome.value, current, run, replayed=batch_outcome.replayed)
+            result.metadata.update(batch_outcome.metadata)  # billing="batch" for failed answers too
         elif config.chunk_size is None:
             result, error = await _execute_as_task(item_task, current, run)
         else:
