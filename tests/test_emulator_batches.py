@@ -566,3 +566,26 @@ def test_cli_batch_options() -> None:
         proc.terminate()
         proc.communicate(timeout=10)
     assert proc.returncode == 0
+
+
+async def test_concurrent_job_and_enqueued_token_limits(emu: GeminiEmulator, client: genai.Client) -> None:
+    emu.batch_delay = math.inf
+    emu.max_active_batches = 2
+    first = await client.aio.batches.create(model=MODEL, src=[inline("one", "1")])
+    await client.aio.batches.create(model=MODEL, src=[inline("two", "2")])
+    with pytest.raises(errors.ClientError) as too_many:
+        await client.aio.batches.create(model=MODEL, src=[inline("three", "3")])
+    assert too_many.value.code == 429 and too_many.value.status == "RESOURCE_EXHAUSTED"
+    assert first.name
+    await client.aio.batches.cancel(name=first.name)  # a finished job frees its slot
+    await client.aio.batches.create(model=MODEL, src=[inline("three", "3")])
+    assert emu.batch_creates == 3
+
+    emu.max_active_batches = None
+    emu.batch_enqueued_token_limit = 15  # enqueued now: "two" (1 token) and "three" (2 tokens)
+    await client.aio.batches.create(model=MODEL, src=[inline("x" * 40, "big")])  # 10 tokens: fits
+    with pytest.raises(errors.ClientError) as tokens:
+        await client.aio.batches.create(model=MODEL, src=[inline("x" * 40, "big2")])
+    assert tokens.value.code == 429 and "Enqueued token limit" in (tokens.value.message or "")
+    emu.batch_delay = 0.0  # once the jobs finish, their tokens are no longer enqueued
+    await client.aio.batches.create(model=MODEL, src=[inline("x" * 40, "big2")])

@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._schema import key_of
-from ._wire import Reply, error_reply, json_reply, rfc3339, user_text
+from ._wire import (
+    Reply,
+    content_chars,
+    error_reply,
+    json_reply,
+    rfc3339,
+    tokens_for_chars,
+    user_text,
+)
 
 __all__ = [
     "BATCH_STATES",
@@ -51,6 +59,7 @@ BATCH_STATES = (
 TERMINAL_STATES = frozenset(BATCH_STATES[2:])
 DEFAULT_INLINE_LIMIT_BYTES = 20 * 1024 * 1024  # documented inline batch request size (about 20 MB)
 DEFAULT_FILE_LIMIT_BYTES = 2 * 1024 * 1024 * 1024  # documented Files API limit per file (2 GB)
+DEFAULT_MAX_ACTIVE_BATCHES = 100  # documented concurrent batch requests
 FILE_TTL_S = 48 * 3600.0  # uploaded files are deleted after 48 h
 UPLOAD_GRANULARITY = 8 * 1024 * 1024
 _ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -169,6 +178,13 @@ class BatchRequest:
     def prompt_text(self) -> str:
         return user_text((self.request or {}).get("contents"))
 
+    @property
+    def input_tokens(self) -> int:
+        """The request's prompt tokens by the emulator's tokenizer (what it enqueues)."""
+        request = self.request or {}
+        chars = content_chars(request.get("contents")) + content_chars(request.get("systemInstruction"))
+        return tokens_for_chars(chars) if chars else 0
+
 
 @dataclass
 class BatchJob:
@@ -266,6 +282,8 @@ class BatchStore:
         self.delay: BatchDelay = 0.0
         self.inline_limit_bytes = DEFAULT_INLINE_LIMIT_BYTES
         self.file_limit_bytes = DEFAULT_FILE_LIMIT_BYTES
+        self.max_active: int | None = DEFAULT_MAX_ACTIVE_BATCHES
+        self.enqueued_token_limit: int | None = None
         self.default_outcome = "BATCH_STATE_SUCCEEDED"
         self.outcome_rules: list[OutcomeRule] = []
 
@@ -428,6 +446,24 @@ class BatchStore:
                 return error_reply(400, f"The input file {input_file} contains no requests.")
         now = time.time()
         with self._lock:
+            for existing in self.jobs.values():
+                self.advance(existing)
+            active = [j for j in self.jobs.values() if not j.done]
+            if self.max_active is not None and len(active) >= self.max_active:
+                return error_reply(
+                    429,
+                    f"Too many concurrent batch jobs: {len(active)} are pending or running and the limit "
+                    f"is {self.max_active}. Retry after some of them finish.",
+                )
+            if self.enqueued_token_limit is not None:
+                enqueued = sum(r.input_tokens for j in active if j.model == model for r in j.requests)
+                wanted = sum(r.input_tokens for r in requests)
+                if enqueued + wanted > self.enqueued_token_limit:
+                    return error_reply(
+                        429,
+                        f"Enqueued token limit exceeded for models/{model}: {enqueued} tokens are "
+                        f"enqueued, this batch adds {wanted} and the limit is {self.enqueued_token_limit}.",
+                    )
             job_id = _new_id(self._rng, 24)
             job = BatchJob(
                 name=f"batches/{job_id}",

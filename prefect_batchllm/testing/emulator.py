@@ -36,7 +36,9 @@ Batch API (``client.aio.batches.*`` and ``client.aio.files.*``; under /v1, /v1be
   request's ``error``, ``safety_block``/``invalid_json`` give a blocked / invalid response. Batch requests
   skip the online rpm/tpm quota and latency.
 - Limits: ``batch_inline_limit_bytes`` (default 20 MiB; larger inline create bodies -> 400
-  INVALID_ARGUMENT "Request payload size exceeds the limit"), ``file_size_limit_bytes`` (default 2 GiB).
+  INVALID_ARGUMENT "Request payload size exceeds the limit"), ``file_size_limit_bytes`` (default 2 GiB),
+  ``max_active_batches`` (default 100 pending/running jobs; more -> 429 RESOURCE_EXHAUSTED) and
+  ``batch_enqueued_token_limit`` (prompt tokens of unfinished jobs per model; default None -> 429).
 - Log and inspection: HTTP calls are logged with endpoints ``batches.create|get|list|cancel|delete`` and
   ``files.create|upload|get|list|delete|download``; every executed job request is logged with endpoint
   ``"batch.generateContent"``, its ``prompt_text``, ``cached_content``, ``usage``, ``batch`` and
@@ -73,6 +75,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from ._batches import (
     DEFAULT_FILE_LIMIT_BYTES,
     DEFAULT_INLINE_LIMIT_BYTES,
+    DEFAULT_MAX_ACTIVE_BATCHES,
     BatchDelay,
     BatchJob,
     BatchRequest,
@@ -441,6 +444,8 @@ class GeminiEmulator:
         batch_delay: BatchDelay = 0.0,
         batch_inline_limit_bytes: int = DEFAULT_INLINE_LIMIT_BYTES,
         file_size_limit_bytes: int = DEFAULT_FILE_LIMIT_BYTES,
+        max_active_batches: int | None = DEFAULT_MAX_ACTIVE_BATCHES,
+        batch_enqueued_token_limit: int | None = None,
     ) -> None:
         self.host = host
         self.valid_api_keys = set(valid_api_keys) if valid_api_keys is not None else None
@@ -468,6 +473,8 @@ class GeminiEmulator:
         self.batch_delay = batch_delay
         self.batch_inline_limit_bytes = batch_inline_limit_bytes
         self.file_size_limit_bytes = file_size_limit_bytes
+        self.max_active_batches = max_active_batches
+        self.batch_enqueued_token_limit = batch_enqueued_token_limit
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -664,6 +671,24 @@ class GeminiEmulator:
     @file_size_limit_bytes.setter
     def file_size_limit_bytes(self, value: int) -> None:
         self._store.file_limit_bytes = int(value)
+
+    @property
+    def max_active_batches(self) -> int | None:
+        """Jobs that may be PENDING or RUNNING at once (100 like the real API); 429 beyond (None: no cap)."""
+        return self._store.max_active
+
+    @max_active_batches.setter
+    def max_active_batches(self, value: int | None) -> None:
+        self._store.max_active = None if value is None else int(value)
+
+    @property
+    def batch_enqueued_token_limit(self) -> int | None:
+        """Prompt tokens enqueued per model across unfinished jobs; 429 beyond it (None: no cap)."""
+        return self._store.enqueued_token_limit
+
+    @batch_enqueued_token_limit.setter
+    def batch_enqueued_token_limit(self, value: int | None) -> None:
+        self._store.enqueued_token_limit = None if value is None else int(value)
 
     def set_batch_outcome(self, state: str, *, contains: str | None = None, times: int | None = None) -> None:
         """How jobs end when their delay has passed (default SUCCEEDED).
