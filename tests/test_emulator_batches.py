@@ -124,6 +124,8 @@ async def test_inline_job_lifecycle_outputs_equal_online(emu: GeminiEmulator, cl
         )
     assert [r.text for r in batch_responses] == [r.text for r in online]
     assert usage_sum(online) == batch_usage
+    assert emu.usage_totals("batch.generateContent") == batch_usage == emu.usage_totals("generateContent")
+    assert emu.usage_totals()["total"] == 2 * batch_usage["total"]
 
     logged = emu.batch_requests(job.name)
     assert [r.prompt_text for r in logged] == [r["contents"] for r in requests]
@@ -589,3 +591,40 @@ async def test_concurrent_job_and_enqueued_token_limits(emu: GeminiEmulator, cli
     assert tokens.value.code == 429 and "Enqueued token limit" in (tokens.value.message or "")
     emu.batch_delay = 0.0  # once the jobs finish, their tokens are no longer enqueued
     await client.aio.batches.create(model=MODEL, src=[inline("x" * 40, "big2")])
+
+
+async def test_file_lines_may_use_snake_case_fields(
+    emu: GeminiEmulator, client: genai.Client, tmp_path: Path
+) -> None:
+    """Protobuf JSON accepts both spellings, so hand-written JSONL with snake_case keys works as well."""
+    cache = await client.aio.caches.create(
+        model=MODEL, config=types.CreateCachedContentConfig(contents=["cached context " * 40])
+    )
+    assert cache.name and cache.usage_metadata
+    line = {
+        "key": "s",
+        "request": {
+            "contents": [{"parts": [{"text": "snake prompt"}], "role": "user"}],
+            "cached_content": cache.name,
+            "generation_config": {
+                "response_mime_type": "application/json",
+                "response_json_schema": Review.model_json_schema(),
+            },
+        },
+    }
+    path = tmp_path / "snake.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    uploaded = await client.aio.files.upload(file=path, config={"mime_type": "jsonl"})
+    assert uploaded.name
+    job = await client.aio.batches.create(model=MODEL, src=uploaded.name)
+    assert job.name
+    done = await wait_done(client, job.name)
+    assert done.dest is not None and done.dest.file_name
+    (result,) = [
+        json.loads(x) for x in (await client.aio.files.download(file=done.dest.file_name)).splitlines()
+    ]
+    answer = types.GenerateContentResponse.model_validate(result["response"])
+    Review.model_validate_json(answer.text or "")
+    assert answer.usage_metadata is not None
+    assert answer.usage_metadata.cached_content_token_count == cache.usage_metadata.total_token_count
+    assert [r.cached_content for r in emu.batch_requests(job.name)] == [cache.name]

@@ -432,7 +432,9 @@ class BatchStore:
                     )
                 metadata = item.get("metadata")
                 requests.append(
-                    BatchRequest(item["request"], metadata if isinstance(metadata, dict) else None)
+                    BatchRequest(
+                        _camel_keys(item["request"]), metadata if isinstance(metadata, dict) else None
+                    )
                 )
             input_file = None
         else:
@@ -671,6 +673,16 @@ def _file_denied(name: str) -> str:
     return f"You do not have permission to access the File {name.removeprefix('files/')} or it may not exist."
 
 
+def _camel_keys(request: dict[str, Any]) -> dict[str, Any]:
+    """Top-level snake_case fields to camelCase (protobuf JSON accepts both; the SDK sends camel)."""
+
+    def camel(key: str) -> str:
+        head, *rest = key.split("_")
+        return head + "".join(p[:1].upper() + p[1:] for p in rest)
+
+    return {camel(k): v for k, v in request.items()}
+
+
 def _parse_jsonl(data: bytes) -> list[BatchRequest]:
     """Input file lines ``{"key": ..., "request": {...}}``; unusable lines become per-request errors."""
     requests: list[BatchRequest] = []
@@ -694,5 +706,5 @@ def _parse_jsonl(data: bytes) -> list[BatchRequest]:
                 )
             )
             continue
-        requests.append(BatchRequest(request, key=None if key is None else str(key)))
+        requests.append(BatchRequest(_camel_keys(request), key=None if key is None else str(key)))
     return requests

@@ -604,11 +604,15 @@ class GeminiEmulator:
             best = max(best, hi - lo + 1)
         return best
 
-    def usage_totals(self) -> dict[str, int]:
-        """Sums of the usageMetadata actually returned: prompt, candidates, total, cached."""
+    def usage_totals(self, endpoint: str | None = None) -> dict[str, int]:
+        """Sums of the usageMetadata actually returned: prompt, candidates, total, cached.
+
+        Requests run inside batch jobs count too; ``endpoint`` narrows the sum, e.g. to
+        "batch.generateContent" (batch-priced tokens) or "generateContent" (online ones).
+        """
         totals = {"prompt": 0, "candidates": 0, "total": 0, "cached": 0}
         for r in self.requests:
-            if r.usage:
+            if r.usage and (endpoint is None or r.endpoint == endpoint):
                 totals["prompt"] += int(r.usage.get("promptTokenCount", 0))
                 totals["candidates"] += int(r.usage.get("candidatesTokenCount", 0))
                 totals["total"] += int(r.usage.get("totalTokenCount", 0))
