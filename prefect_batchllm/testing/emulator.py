@@ -162,11 +162,6 @@ class RecordedRequest:
     batch_key: str | None = None  # that request's file key or metadata["key"]
 
 
-_Reply = Reply
-_json_reply = json_reply
-_error = error_reply
-
-
 @dataclass
 class _Call:
     """Parsed request plus what happened to it (mutable while it is processed)."""
@@ -765,7 +760,7 @@ class GeminiEmulator:
 
     # -- request processing ------------------------------------------------------------------------
 
-    def _serve(self, method: str, target: str, headers: Message, raw: bytes) -> _Reply:
+    def _serve(self, method: str, target: str, headers: Message, raw: bytes) -> Reply:
         """Process one request end to end and log it before the reply is written."""
         call = self._parse(method, target, headers, raw)
         with self._lock:
@@ -774,7 +769,7 @@ class GeminiEmulator:
             reply = self._process(call)
         except Exception:
             logger.exception("gemini emulator: internal error for %s %s", method, call.endpoint)
-            reply = _error(500)
+            reply = error_reply(500)
         finished = time.monotonic()
         record = RecordedRequest(
             method=method,
@@ -912,24 +907,24 @@ class GeminiEmulator:
             raw=raw,
         )
 
-    def _process(self, call: _Call) -> _Reply:
+    def _process(self, call: _Call) -> Reply:
         if call.endpoint == "unknown":
-            return _error(404, f"Method not found: {call.method} {urlsplit(call.target).path}")
+            return error_reply(404, f"Method not found: {call.method} {urlsplit(call.target).path}")
         # A resumable upload's chunk requests are authorised by their upload_id, like the real service.
         if call.endpoint != "files.upload":
             if self.require_api_key and not call.api_key:
-                return _error(403, UNREGISTERED_CALLER)
+                return error_reply(403, UNREGISTERED_CALLER)
             if self.valid_api_keys is not None and call.api_key not in self.valid_api_keys:
-                return _json_reply(400, invalid_api_key_body())
+                return json_reply(400, invalid_api_key_body())
         if call.body_error:
-            return _error(400, call.body_error)
+            return error_reply(400, call.body_error)
         if call.endpoint in _MODEL_ACTIONS or call.endpoint in ("cachedContents.create", "batches.create"):
             if not call.model or not self._model_known(call.model):
                 action = {
                     "cachedContents.create": "createCachedContent",
                     "batches.create": "batchGenerateContent",
                 }.get(call.endpoint, call.endpoint)
-                return _error(
+                return error_reply(
                     404,
                     f"models/{call.model} is not found for API version {call.api_version}, or is not "
                     f"supported for {action}. Call ListModels to see the list of available models and "
@@ -949,7 +944,7 @@ class GeminiEmulator:
             return self._batch_or_file_endpoint(call)
         return self._cache_endpoint(call)
 
-    def _batch_or_file_endpoint(self, call: _Call) -> _Reply:
+    def _batch_or_file_endpoint(self, call: _Call) -> Reply:
         store, rid = self._store, call.resource_id or ""
         base, version = self.base_url, call.api_version
         if call.endpoint == "batches.create":
@@ -975,7 +970,7 @@ class GeminiEmulator:
             return store.delete_file(f"files/{rid}")
         if call.endpoint == "files.download":
             return store.download(f"files/{rid}")
-        return _error(404, f"Method not found: {call.method} {urlsplit(call.target).path}")
+        return error_reply(404, f"Method not found: {call.method} {urlsplit(call.target).path}")
 
     def _model_known(self, model: str) -> bool:
         return model.startswith("gemini-") or model in self.models
@@ -995,20 +990,20 @@ class GeminiEmulator:
             return not self._stop_evt.is_set()
         return not self._stop_evt.wait(seconds)
 
-    def _apply_transport_fault(self, call: _Call, fault: Fault) -> _Reply | None:
+    def _apply_transport_fault(self, call: _Call, fault: Fault) -> Reply | None:
         """Faults that replace the whole HTTP answer; None means "answer normally" (maybe later)."""
         if fault.kind == "rate_limit":
-            return _json_reply(
+            return json_reply(
                 429, rate_limit_body(fault.seconds, model=call.model, per_day=fault.per_day, limit=None)
             )
         if fault.kind == "status":
-            return _error(int(fault.code or 500), fault.message)
+            return error_reply(int(fault.code or 500), fault.message)
         if fault.kind in ("hang", "delay"):
-            return None if self._sleep(fault.seconds) else _Reply(0, drop=True)
+            return None if self._sleep(fault.seconds) else Reply(0, drop=True)
         if fault.kind == "connection_reset":
-            return _Reply(0, drop=True)
+            return Reply(0, drop=True)
         if fault.kind == "malformed_body":
-            return _Reply(200, MALFORMED_BODY, content_type="text/plain; charset=UTF-8")
+            return Reply(200, MALFORMED_BODY, content_type="text/plain; charset=UTF-8")
         return None
 
     # -- generate ----------------------------------------------------------------------------------
@@ -1042,15 +1037,15 @@ class GeminiEmulator:
         prompt_tokens = tokens_for_chars(request_chars) + cached_tokens
         return _Prepared(model, body, prompt_text, cache, prompt_tokens, cached_tokens)
 
-    def _generate(self, call: _Call) -> _Reply:
+    def _generate(self, call: _Call) -> Reply:
         prepared = self._prepare(str(call.model), call.body or {}, call.prompt_text, call.cached_content)
         if isinstance(prepared, tuple):
-            return _error(*prepared)
+            return error_reply(*prepared)
         with self._lock:
             admission, wait_s, kind, limit = self._quota.admit(time.monotonic(), prepared.prompt_tokens)
         if admission is None:
             delay = max(1, math.ceil(wait_s))
-            return _json_reply(
+            return json_reply(
                 429, rate_limit_body(delay, model=call.model, tokens=kind == "tokens", limit=limit)
             )
         fault = self.faults.pick(call.endpoint, call.prompt_text)
@@ -1058,9 +1053,9 @@ class GeminiEmulator:
         if fault is not None and fault.kind == "rate_limit":
             with self._lock:
                 self._quota.release(admission)
-            return self._apply_transport_fault(call, fault) or _error(429)
+            return self._apply_transport_fault(call, fault) or error_reply(429)
         if not self._sleep(self._latency_s()):
-            return _Reply(0, drop=True)
+            return Reply(0, drop=True)
         if fault is not None:
             early = self._apply_transport_fault(call, fault)
             if early is not None:
@@ -1068,8 +1063,8 @@ class GeminiEmulator:
 
         payload, usage = self._generation_payload(prepared, fault)
         if call.endpoint == "streamGenerateContent":
-            return _Reply(200, events=self._sse_events(payload), usage=usage)
-        return _json_reply(200, payload, usage=usage)
+            return Reply(200, events=self._sse_events(payload), usage=usage)
+        return json_reply(200, payload, usage=usage)
 
     def _run_batch_request(self, job: BatchJob, request: BatchRequest) -> dict[str, Any]:
         """Answer one request of a batch job with the online generate logic; log it like a request.
@@ -1231,7 +1226,7 @@ class GeminiEmulator:
             events.append(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\r\n\r\n")
         return events
 
-    def _count_tokens(self, call: _Call) -> _Reply:
+    def _count_tokens(self, call: _Call) -> Reply:
         body = call.body or {}
         request = (
             body.get("generateContentRequest")
@@ -1243,7 +1238,7 @@ class GeminiEmulator:
         payload: dict[str, Any] = {"totalTokens": total}
         if total:
             payload["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": total}]
-        return _json_reply(200, payload)
+        return json_reply(200, payload)
 
     # -- caches ------------------------------------------------------------------------------------
 
@@ -1256,7 +1251,7 @@ class GeminiEmulator:
             return None
         return record
 
-    def _cache_endpoint(self, call: _Call) -> _Reply:
+    def _cache_endpoint(self, call: _Call) -> Reply:
         if call.endpoint == "cachedContents.create":
             return self._cache_create(call)
         if call.endpoint == "cachedContents.list":
@@ -1267,29 +1262,29 @@ class GeminiEmulator:
         with self._lock:
             record = self._live_cache(name)
             if record is None:
-                return _error(403, CACHE_NOT_FOUND)
+                return error_reply(403, CACHE_NOT_FOUND)
             if call.endpoint == "cachedContents.get":
-                return _json_reply(200, _cache_view(record))
+                return json_reply(200, _cache_view(record))
             if call.endpoint == "cachedContents.delete":
                 self._caches.pop(name, None)
                 self._cache_expiry.pop(name, None)
-                return _json_reply(200, {})
+                return json_reply(200, {})
             expiry = _expiry_from(body, now)
             if expiry is None:
-                return _error(400, "CachedContent update requires ttl or expire_time.")
+                return error_reply(400, "CachedContent update requires ttl or expire_time.")
             self._cache_expiry[name] = expiry
             record["expireTime"] = rfc3339(expiry)
             record["updateTime"] = rfc3339(now)
-            return _json_reply(200, _cache_view(record))
+            return json_reply(200, _cache_view(record))
 
-    def _cache_create(self, call: _Call) -> _Reply:
+    def _cache_create(self, call: _Call) -> Reply:
         body = call.body or {}
         chars = content_chars(body.get("contents")) + content_chars(body.get("systemInstruction"))
         if not chars:
-            return _error(400, "CachedContent must have at least one of contents or system_instruction.")
+            return error_reply(400, "CachedContent must have at least one of contents or system_instruction.")
         tokens = tokens_for_chars(chars)
         if tokens < self.min_cache_tokens:
-            return _error(
+            return error_reply(
                 400,
                 f"Cached content is too small. total_token_count={tokens}, "
                 f"min_total_token_count={self.min_cache_tokens}",
@@ -1316,14 +1311,14 @@ class GeminiEmulator:
             }
             self._caches[name] = record
             self._cache_expiry[name] = expiry
-            return _json_reply(200, _cache_view(record))
+            return json_reply(200, _cache_view(record))
 
-    def _cache_list(self, call: _Call) -> _Reply:
+    def _cache_list(self, call: _Call) -> Reply:
         try:
             page_size = int((call.query.get("pageSize") or ["50"])[0])
             offset = int((call.query.get("pageToken") or ["0"])[0] or 0)
         except ValueError:
-            return _error(400, "Invalid page token or size.")
+            return error_reply(400, "Invalid page token or size.")
         page_size = min(max(page_size, 1), 1000)
         with self._lock:
             live = [_cache_view(r) for n, r in self._caches.items() if self._live_cache(n) is not None]
@@ -1333,7 +1328,7 @@ class GeminiEmulator:
             payload["cachedContents"] = page
         if offset + page_size < len(live):
             payload["nextPageToken"] = str(offset + page_size)
-        return _json_reply(200, payload)
+        return json_reply(200, payload)
 
 
 def _batch_fault_status(fault: Fault | None, model: str) -> tuple[int, str] | None:
