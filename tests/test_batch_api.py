@@ -376,3 +376,17 @@ def test_killed_flow_process_is_reattached_by_the_next_run(
     assert emu.batch_creates == 1  # no second job: never billed twice
     assert [(j["name"], j["reattached"]) for j in summary["jobs"]] == [(name, True)]
     assert len(emu.batch_requests()) == 25
+
+
+def test_jobs_beyond_the_batch_quota_wait_for_it_instead_of_failing(emulator: GeminiEmulator) -> None:
+    emu = emulator
+    emu.batch_delay = 0.1
+    emu.max_active_batches = 1  # a second job is 429 RESOURCE_EXHAUSTED until the first one ended
+    tag = _tag()
+    strategy = GeminiStrategy(GeminiModel(MODEL, emu.client()))
+    items = _items(strategy, 12, tag)
+    config = ProcessorConfig(execution="batch_api", batch_max_requests_per_job=4, **FAST)
+    result = run_batch(items, config)
+    assert result.succeeded == 12
+    assert [j["requests"] for j in result.batch_jobs] == [4, 4, 4]
+    assert emu.batch_creates == 3 and emu.count("batches.create", status=429) >= 1

@@ -42,7 +42,15 @@ from prefect.logging import get_run_logger
 from prefect.results import ResultStore
 
 from prefect_batchllm.core.attempt import AttemptFailed
-from prefect_batchllm.core.errors import ErrorCategory, ErrorInfo, describe_error, token_usage_of
+from prefect_batchllm.core.config import ProcessorConfig
+from prefect_batchllm.core.errors import (
+    DefaultErrorClassifier,
+    ErrorCategory,
+    ErrorClassifier,
+    ErrorInfo,
+    describe_error,
+    token_usage_of,
+)
 from prefect_batchllm.core.items import LLMWorkItem, WorkItemResult
 from prefect_batchllm.core.pricing import BATCH_BILLING
 from prefect_batchllm.core.tokens import normalize_usage
@@ -173,6 +181,8 @@ class _Job:
     strategy: Any
     items: list[LLMWorkItem[Any, Any]]
     client: Any = None
+    config: ProcessorConfig = field(default_factory=ProcessorConfig)
+    classifier: ErrorClassifier = field(default_factory=DefaultErrorClassifier)
     submitted_at: float = field(default_factory=time.monotonic)
 
 
@@ -206,7 +216,7 @@ async def submit_batch_job(label: str, job_key: str, registry_key: str) -> str:
         get_run_logger().info("adopting batch job %s (%s) submitted earlier", found.name, state_name(found))
         job.record.reattached = True
         return found.name
-    created = await submit_job(job.client, job.record.model, job.plan, display)
+    created = await _create_with_retries(job, display)
     if not created.name:
         raise RuntimeError("Gemini returned a batch job without a name")
     get_run_logger().info(
@@ -217,6 +227,40 @@ async def submit_batch_job(label: str, job_key: str, registry_key: str) -> str:
         job.record.model,
     )
     return created.name
+
+
+async def _create_with_retries(job: _Job, display: str) -> Any:
+    """``submit_job``, retried while the classifier says so: a 429 (batch quota: too many active jobs or
+    enqueued tokens) up to ``max_rate_limit_retries`` times, transient errors up to ``max_attempts``; the
+    wait grows like the poll back-off (at least the server's delay). A retry first looks for a job the
+    failed attempt may still have created, so a lost answer never becomes a second job."""
+    config = job.config
+    delay = config.batch_poll_interval_s
+    rate_limited = attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return await submit_job(job.client, job.record.model, job.plan, display)
+        except Exception as exc:
+            info = job.classifier.classify(exc)
+            if info.is_rate_limit:
+                rate_limited += 1
+                attempts -= 1
+            budget_left = (
+                rate_limited <= config.retry.max_rate_limit_retries
+                if info.is_rate_limit
+                else attempts < config.retry.max_attempts
+            )
+            if not info.is_retryable or not budget_left:
+                raise
+            wait = max(delay, info.retry_after or 0.0)
+            get_run_logger().info("creating batch job failed (%s); retrying in %.1f s", info.reason, wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 1.5, config.batch_poll_max_interval_s)
+            if not info.is_rate_limit:
+                found = await find_job(job.client, display)
+                if found is not None:
+                    return found
 
 
 class BatchApiStep:
@@ -325,11 +369,17 @@ class BatchApiStep:
     ) -> list[tuple[LLMWorkItem[Any, Any], BatchOutcome]]:
         """Run ``items`` as jobs of this generation; resolve successes; return the failures (unresolved)."""
         jobs, failures = await self._plan(items, generation)
-        await asyncio.gather(*(self._submit(job) for job in jobs))
         deadline = None
         if self.config.batch_wait_timeout_s is not None:
             deadline = time.monotonic() + self.config.batch_wait_timeout_s
-        outcomes = await asyncio.gather(*(self._collect(job, deadline) for job in jobs))
+
+        async def submit_and_wait(job: _Job) -> dict[str, BatchOutcome]:
+            await self._submit(job)
+            return await self._collect(job, deadline)
+
+        # Each job is submitted and polled on its own, so a job waiting for quota (429 at create while
+        # earlier jobs hold the enqueued-token budget) does not hold up collecting the others.
+        outcomes = await asyncio.gather(*(submit_and_wait(job) for job in jobs))
         for job, by_id in zip(jobs, outcomes, strict=True):
             for item in job.items:
                 outcome = by_id[item.item_id]
@@ -374,7 +424,9 @@ class BatchApiStep:
                 plan_items = [by_id[key] for key in plan.keys]
                 key = _job_key(model.model, generation, plan, plan_items)
                 record = JobRecord(key, model.model, plan.mode, len(plan.requests), generation)
-                jobs.append(_Job(record, plan, strategy, plan_items, client))
+                jobs.append(
+                    _Job(record, plan, strategy, plan_items, client, self.config, self.run.classifier)
+                )
                 self.jobs.append(record)
         return jobs, unplanned
 
