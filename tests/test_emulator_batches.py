@@ -251,6 +251,32 @@ async def test_batch_only_fault_rules_and_faults_on_batch_endpoints(
     online = await client.aio.models.generate_content(model=MODEL, contents="a #B")  # online is untouched
     assert online.text == "echo: a #B"
 
+    # A create can be targeted by the prompts it carries.
+    emu.faults.add(Fault.status(429), endpoint="batches.create", contains="#REJECT", times=None)
+    with pytest.raises(errors.ClientError) as rejected:
+        await client.aio.batches.create(model=MODEL, src=[inline("fine", "1"), inline("x #REJECT", "2")])
+    assert rejected.value.code == 429
+    assert emu.requests_for("batches.create", contains="#REJECT")[0].status == 429
+    assert (await client.aio.batches.create(model=MODEL, src=[inline("fine", "1")])).name
+
+
+async def test_malformed_create_bodies_are_400(emu: GeminiEmulator) -> None:
+    url = f"{emu.base_url}/v1beta/models/{MODEL}:batchGenerateContent"
+    bodies: list[Any] = [
+        {},
+        {"batch": []},
+        {"batch": {"inputConfig": {"requests": []}}},
+        {"batch": {"inputConfig": {"requests": {"requests": []}}}},
+        {"batch": {"inputConfig": {"requests": {"requests": [{"metadata": {"key": "k"}}]}}}},
+        {"batch": {"inputConfig": {"requests": {"requests": [{"request": {}}]}, "fileName": "files/x"}}},
+    ]
+    async with httpx.AsyncClient() as http:
+        for body in bodies:
+            resp = await http.post(url, json=body, headers={"x-goog-api-key": "k"})
+            assert resp.status_code == 400, body
+            assert resp.json()["error"]["status"] == "INVALID_ARGUMENT"
+    assert emu.batches == {}
+
 
 # -- states ----------------------------------------------------------------------------------------
 

@@ -573,13 +573,13 @@ class BatchStore:
 
     def upload_chunk(
         self, upload_id: str, headers: Any, raw: bytes, base_url: str, api_version: str
-    ) -> tuple[Reply, StoredFile | None]:
+    ) -> Reply:
         """One ``upload`` / ``upload, finalize`` POST; every answer carries X-Goog-Upload-Status."""
 
-        def fail(code: int, message: str) -> tuple[Reply, None]:
+        def fail(code: int, message: str) -> Reply:
             reply = error_reply(code, message)
             reply.headers = {"X-Goog-Upload-Status": "final"}
-            return reply, None
+            return reply
 
         command = {c.strip().lower() for c in str(headers.get("X-Goog-Upload-Command", "")).split(",")}
         with self._lock:
@@ -588,7 +588,7 @@ class BatchStore:
                 return fail(404, "The upload session was not found or has already been finalized.")
             if "cancel" in command:
                 del self._uploads[upload_id]
-                return Reply(200, b"", headers={"X-Goog-Upload-Status": "cancelled"}), None
+                return Reply(200, b"", headers={"X-Goog-Upload-Status": "cancelled"})
             try:
                 offset = int(headers.get("X-Goog-Upload-Offset", len(session.data)))
             except ValueError:
@@ -603,7 +603,7 @@ class BatchStore:
                     del self._uploads[upload_id]
                     return fail(400, f"File exceeds the maximum of {self.file_limit_bytes} bytes per file.")
             if "finalize" not in command:
-                return Reply(200, b"", headers={"X-Goog-Upload-Status": "active"}), None
+                return Reply(200, b"", headers={"X-Goog-Upload-Status": "active"})
             del self._uploads[upload_id]
             if session.size is not None and session.size != len(session.data):
                 return fail(
@@ -619,7 +619,7 @@ class BatchStore:
             )
             self.files[stored.name] = stored
         body = json.dumps({"file": stored.resource(base_url, api_version)}).encode()
-        return Reply(200, body, headers={"X-Goog-Upload-Status": "final"}), stored
+        return Reply(200, body, headers={"X-Goog-Upload-Status": "final"})
 
     def get_file(self, name: str, base_url: str, api_version: str) -> Reply:
         with self._lock:

@@ -884,6 +884,12 @@ class GeminiEmulator:
             contents = body.get("contents")
             if contents is None and isinstance(body.get("generateContentRequest"), dict):
                 contents = body["generateContentRequest"].get("contents")
+            if endpoint == "batches.create":  # every inline request's prompt, so faults can target a job
+                contents = [
+                    content
+                    for item in _inline_items(body)
+                    for content in _as_list(item["request"].get("contents"))
+                ]
         cached = body.get("cachedContent") if body else None
         if model is None and endpoint == "cachedContents.create" and body:
             model = str(body.get("model") or "").removeprefix("models/") or None
@@ -960,8 +966,7 @@ class GeminiEmulator:
         if call.endpoint == "files.create":
             return store.start_upload(call.headers or Message(), call.body, base)
         if call.endpoint == "files.upload":
-            reply, _ = store.upload_chunk(rid, call.headers or Message(), call.raw, base, version)
-            return reply
+            return store.upload_chunk(rid, call.headers or Message(), call.raw, base, version)
         if call.endpoint == "files.list":
             return store.list_files(call.query, base, version)
         if call.endpoint == "files.get":
@@ -1329,6 +1334,23 @@ class GeminiEmulator:
         if offset + page_size < len(live):
             payload["nextPageToken"] = str(offset + page_size)
         return json_reply(200, payload)
+
+
+def _inline_items(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``{request, metadata}`` entries of an inline batchGenerateContent body (empty if malformed)."""
+    batch = body.get("batch")
+    config = key_of(batch, "inputConfig") if isinstance(batch, dict) else None
+    inline = config.get("requests") if isinstance(config, dict) else None
+    items = inline.get("requests") if isinstance(inline, dict) else None
+    if not isinstance(items, list):
+        return []
+    return [i for i in items if isinstance(i, dict) and isinstance(i.get("request"), dict)]
+
+
+def _as_list(contents: Any) -> list[Any]:
+    if isinstance(contents, list):
+        return contents
+    return [] if contents is None else [contents]
 
 
 def _batch_fault_status(fault: Fault | None, model: str) -> tuple[int, str] | None:
