@@ -390,3 +390,27 @@ def test_jobs_beyond_the_batch_quota_wait_for_it_instead_of_failing(emulator: Ge
     assert result.succeeded == 12
     assert [j["requests"] for j in result.batch_jobs] == [4, 4, 4]
     assert emu.batch_creates == 3 and emu.count("batches.create", status=429) >= 1
+
+
+def test_enrich_dataframe_in_batch_mode_has_the_online_columns(emulator: GeminiEmulator) -> None:
+    import pandas as pd
+
+    from prefect_batchllm.dataframe import enrich_dataframe
+
+    emu = emulator
+    emu.batch_delay = 0.05
+    emu.faults.add(Fault.safety_block(), contains="Dune", times=None)
+    tag = _tag()
+    df = pd.DataFrame({"title": ["Emma", "Dune", "Ulysses"], "tag": [tag] * 3}, index=[10, 11, 12])
+    strategy = GeminiStrategy(GeminiModel(MODEL, emu.client()), response_schema=Book)
+    template = "[{tag}] Catalogue {title}"
+    batch = enrich_dataframe(
+        df, template, strategy, config=ProcessorConfig(execution="batch_api", **FAST), output_type=Book
+    )
+    online = enrich_dataframe(
+        df.assign(tag=tag + "-on"), template, strategy, config=ProcessorConfig(), output_type=Book
+    )
+    assert list(batch.columns) == list(online.columns) and list(batch.index) == [10, 11, 12]
+    assert batch["success"].tolist() == [True, False, True]
+    assert batch["error_category"].tolist()[1] == "blocked"
+    assert emu.batch_creates == 1 and len(emu.batch_requests()) == 3
