@@ -41,6 +41,8 @@ def emu(shared_emulator: GeminiEmulator) -> Iterator[GeminiEmulator]:
     shared_emulator.batch_delay = 0.0
     shared_emulator.batch_inline_limit_bytes = 20 * 1024 * 1024
     shared_emulator.file_size_limit_bytes = 2 * 1024 * 1024 * 1024
+    shared_emulator.max_active_batches = 100
+    shared_emulator.batch_enqueued_token_limit = None
     yield shared_emulator
     shared_emulator.reset()
 
@@ -654,3 +656,38 @@ async def test_file_lines_may_use_snake_case_fields(
     assert answer.usage_metadata is not None
     assert answer.usage_metadata.cached_content_token_count == cache.usage_metadata.total_token_count
     assert [r.cached_content for r in emu.batch_requests(job.name)] == [cache.name]
+
+
+async def test_concurrent_polls_run_a_job_once(emu: GeminiEmulator, client: genai.Client) -> None:
+    import asyncio
+
+    emu.batch_delay = math.inf
+    job = await client.aio.batches.create(model=MODEL, src=[inline(f"c{i}", str(i)) for i in range(20)])
+    assert job.name
+    emu.batch_delay = 0.0
+    polls = await asyncio.gather(*(client.aio.batches.get(name=job.name) for _ in range(8)))
+    assert {p.state for p in polls} == {types.JobState.JOB_STATE_SUCCEEDED}
+    assert len(emu.batch_requests(job.name)) == 20  # executed once, whoever polled first
+    texts = {
+        tuple(r.response.text for r in p.dest.inlined_responses or [] if r.response) for p in polls if p.dest
+    }
+    assert len(texts) == 1
+
+
+async def test_result_file_downloads_from_its_file_object(
+    emu: GeminiEmulator, client: genai.Client, tmp_path: Path
+) -> None:
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"key": "a", "request": {"contents": [{"parts": [{"text": "obj"}]}]}}) + "\n")
+    uploaded = await client.aio.files.upload(file=path, config={"mime_type": "jsonl"})
+    assert uploaded.name
+    with pytest.raises(ValueError, match="uploaded files can't be downloaded"):
+        await client.aio.files.download(file=uploaded)  # the SDK refuses: no download_uri
+    job = await client.aio.batches.create(model=MODEL, src=uploaded.name)
+    assert job.name
+    done = await wait_done(client, job.name)
+    assert done.dest is not None and done.dest.file_name
+    result = await client.aio.files.get(name=done.dest.file_name)
+    data = await client.aio.files.download(file=result)
+    assert json.loads(data)["response"]["candidates"][0]["content"]["parts"][0]["text"] == "echo: obj"
+    assert emu.count("files.download", status=200) == 1
