@@ -263,6 +263,14 @@ def test_strategies_that_cannot_batch_fail_early_naming_the_fix(emulator: Gemini
     direct = DirectCallStrategy(lambda prompt, attempt, timeout: "x")
     with pytest.raises(TypeError, match=r"DirectCallStrategy cannot run with execution='batch_api'.*online"):
         run_batch(_items(direct, 2, _tag()), ProcessorConfig(execution="batch_api"))
+    from pydantic_ai import Agent
+    from pydantic_ai.models.test import TestModel
+
+    from prefect_batchllm.strategies.pydantic_ai import PydanticAIStrategy
+
+    agent = Agent(TestModel(), output_type=Book)
+    with pytest.raises(TypeError, match=r"PydanticAIStrategy cannot .*response_schema=Book"):
+        run_batch(_items(PydanticAIStrategy(agent), 2, _tag()), ProcessorConfig(execution="batch_api"))
     assert emulator.batch_creates == 0
     with pytest.raises(ValueError, match="execution"):
         ProcessorConfig(execution="batch")

@@ -99,6 +99,17 @@ def check_batch_items(items: Sequence[LLMWorkItem[Any, Any]]) -> None:
             continue
         seen.add(id(strategy))
         name = type(strategy).__name__
+        agent = getattr(strategy, "agent", None) or getattr(strategy, "agent_factory", None)
+        if agent is not None and not callable(getattr(strategy, "batch_request", None)):
+            output = getattr(getattr(strategy, "agent", None), "output_type", None)
+            shown = getattr(output, "__name__", None) or "YourOutputModel"
+            raise TypeError(
+                f"LLMWorkItem {item.item_id!r}: {name} cannot run with execution='batch_api': a pydantic-ai "
+                "agent run is a loop of live model calls (tools, output validators, retries), which a "
+                "batch job cannot answer. For the same structured output at batch prices use "
+                f"GeminiStrategy(GeminiModel(...) or GeminiCachedModel(...), response_schema={shown}) "
+                "(validated with the same pydantic type), or keep this strategy with execution='online'"
+            )
         if not (
             callable(getattr(strategy, "batch_request", None))
             and callable(getattr(strategy, "parse_batch_response", None))
