@@ -691,3 +691,17 @@ async def test_result_file_downloads_from_its_file_object(
     data = await client.aio.files.download(file=result)
     assert json.loads(data)["response"]["candidates"][0]["content"]["parts"][0]["text"] == "echo: obj"
     assert emu.count("files.download", status=200) == 1
+
+
+async def test_sdk_uploads_a_large_file_in_chunks(emu: GeminiEmulator, client: genai.Client) -> None:
+    """Over 8 MB the SDK sends ``upload`` then ``upload, finalize``; the emulator assembles the bytes."""
+    import io
+
+    data = (
+        b'{"key": "k", "request": {"contents": [{"parts": [{"text": "' + b"z" * 1000 + b'"}]}]}}\n'
+    ) * 9000
+    assert len(data) > 8 * 1024 * 1024
+    uploaded = await client.aio.files.upload(file=io.BytesIO(data), config={"mime_type": "jsonl"})
+    assert uploaded.name and uploaded.size_bytes == len(data)
+    assert emu.count("files.upload", status=200) == 2
+    assert emu.file_bytes(uploaded.name) == data
