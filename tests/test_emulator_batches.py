@@ -705,3 +705,30 @@ async def test_sdk_uploads_a_large_file_in_chunks(emu: GeminiEmulator, client: g
     assert uploaded.name and uploaded.size_bytes == len(data)
     assert emu.count("files.upload", status=200) == 2
     assert emu.file_bytes(uploaded.name) == data
+
+
+async def test_tool_call_answers_match_online(emu: GeminiEmulator, client: genai.Client) -> None:
+    """A forced function call (pydantic-ai's tool output mode) is answered in a batch as online."""
+    tool = types.Tool(
+        function_declarations=[
+            types.FunctionDeclaration(name="final_result", parameters_json_schema=Review.model_json_schema())
+        ]
+    )
+    cfg = {
+        "tools": [tool],
+        "tool_config": types.ToolConfig(
+            function_calling_config=types.FunctionCallingConfig(mode=types.FunctionCallingConfigMode.ANY)
+        ),
+    }
+    job = await client.aio.batches.create(model=MODEL, src=[inline("rate the tent", "t", **cfg)])
+    assert job.name
+    done = await wait_done(client, job.name)
+    assert done.dest is not None and done.dest.inlined_responses
+    batch_answer = done.dest.inlined_responses[0].response
+    online = await client.aio.models.generate_content(
+        model=MODEL, contents="rate the tent", config=types.GenerateContentConfig(**cfg)
+    )
+    assert batch_answer is not None and batch_answer.function_calls and online.function_calls
+    assert batch_answer.function_calls[0].name == "final_result"
+    assert batch_answer.function_calls[0].args == online.function_calls[0].args
+    Review.model_validate(batch_answer.function_calls[0].args)
