@@ -405,7 +405,8 @@ class ProcessorConfig:
             self.execution in EXECUTION_MODES,
             own,
             "execution",
-            f"must be one of {', '.join(repr(m) for m in EXECUTION_MODES)}, got {self.execution!r}",
+            f"must be one of {', '.join(repr(m) for m in EXECUTION_MODES)}, got {self.execution!r}"
+            + ("; chunked execution is chunk_size=N" if self.execution == "chunked" else ""),
         )
         _require(
             _positive(self.batch_poll_interval_s),
