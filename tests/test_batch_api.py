@@ -422,3 +422,51 @@ def test_enrich_dataframe_in_batch_mode_has_the_online_columns(emulator: GeminiE
     assert batch["success"].tolist() == [True, False, True]
     assert batch["error_category"].tolist()[1] == "blocked"
     assert emu.batch_creates == 1 and len(emu.batch_requests()) == 3
+
+
+def test_enrich_table_on_a_schedule_submits_once_then_collects(
+    emulator: GeminiEmulator, tmp_path: Path
+) -> None:
+    """What the ``nightly-books-batch`` deployment does: runs that do not wait, re-attaching until done."""
+    import pandas as pd
+    from pydantic import SecretStr
+
+    from flows.enrich_table import RowsFailed, enrich_table
+    from prefect_batchllm.dataframe import read_table, write_table
+    from prefect_batchllm.prefect.blocks import GeminiCachedModelBlock, GeminiCredentials
+
+    emu = emulator
+    emu.batch_delay = (0.0, math.inf)
+    block = f"batch-table-{_tag()}"
+    GeminiCachedModelBlock(
+        model=MODEL,
+        credentials=GeminiCredentials(
+            api_key=SecretStr("test-key"), base_url=emu.base_url, api_version="v1beta"
+        ),
+        system_instruction="You catalogue books. Answer with JSON only.",
+    ).save(block, overwrite=True)
+    tag = _tag()
+    ids = [f"book-{i}" for i in range(6)]
+    write_table(pd.DataFrame({"book_id": ids, "title": [f"T{i}" for i in range(6)]}), tmp_path / "in.parquet")
+    params = {
+        "input_path": str(tmp_path / "in.parquet"),
+        "output_path": str(tmp_path / "out.parquet"),
+        "prompt_template": f"[{{book_id}}] ({tag}) Catalogue {{title}}.",
+        "model_block": block,
+        "id_column": "book_id",
+        "output_schema": {"genre": "str", "pages": "int"},
+        "execution": "batch_api",
+        "batch_wait_timeout_s": 0,
+    }
+    with pytest.raises(RowsFailed, match="6/6 rows failed"):
+        enrich_table(**params)  # hour 1: submitted, still running; the table is written with pending rows
+    out = read_table(params["output_path"])
+    assert out["error_category"].tolist() == ["batch_pending"] * 6
+    with pytest.raises(RowsFailed):
+        enrich_table(**params)  # hour 2: still running, re-attached (nothing submitted)
+    assert emu.batch_creates == 1
+    emu.batch_delay = 0.0
+    summary = enrich_table(**params)  # hour 3: the job ended; collected
+    assert summary["failed"] == 0 and emu.batch_creates == 1 and len(emu.batch_requests()) == 6
+    out = read_table(params["output_path"])
+    assert out["book_id"].tolist() == ids and out["success"].all() and out["genre"].notna().all()
