@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import math
 import subprocess
@@ -69,13 +71,7 @@ async def wait_done(client: genai.Client, name: str, timeout_s: float = 60.0) ->
         job = await client.aio.batches.get(name=name)
         if job.done or time.monotonic() > deadline:
             return job
-        await _sleep(0.02)
-
-
-async def _sleep(seconds: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(seconds)
+        await asyncio.sleep(0.02)
 
 
 def usage_sum(responses: list[types.GenerateContentResponse]) -> dict[str, int]:
@@ -309,7 +305,7 @@ async def test_timed_delay_passes_through_the_states_in_order(
     seen = [job.state]
     while not (current := await client.aio.batches.get(name=job.name)).done:
         seen.append(current.state)
-        await _sleep(0.02)
+        await asyncio.sleep(0.02)
     elapsed = time.monotonic() - started
     seen.append(current.state)
     order = [
@@ -518,7 +514,7 @@ async def test_file_size_limit_and_chunked_resumable_upload(
 ) -> None:
     emu.file_size_limit_bytes = 100
     with pytest.raises(errors.ClientError) as too_big:
-        await client.aio.files.upload(file=_bytes_io(b"x" * 101), config={"mime_type": "jsonl"})
+        await client.aio.files.upload(file=io.BytesIO(b"x" * 101), config={"mime_type": "jsonl"})
     assert too_big.value.code == 400
     emu.file_size_limit_bytes = 10_000
 
@@ -556,12 +552,6 @@ async def test_file_size_limit_and_chunked_resumable_upload(
         name = last.json()["file"]["name"]
     assert emu.file_bytes(name) == b"0123456789"
     assert (await client.aio.files.get(name=name)).display_name == "two-chunks"
-
-
-def _bytes_io(data: bytes) -> Any:
-    import io
-
-    return io.BytesIO(data)
 
 
 def test_cli_batch_options() -> None:
@@ -659,8 +649,6 @@ async def test_file_lines_may_use_snake_case_fields(
 
 
 async def test_concurrent_polls_run_a_job_once(emu: GeminiEmulator, client: genai.Client) -> None:
-    import asyncio
-
     emu.batch_delay = math.inf
     job = await client.aio.batches.create(model=MODEL, src=[inline(f"c{i}", str(i)) for i in range(20)])
     assert job.name
@@ -695,8 +683,6 @@ async def test_result_file_downloads_from_its_file_object(
 
 async def test_sdk_uploads_a_large_file_in_chunks(emu: GeminiEmulator, client: genai.Client) -> None:
     """Over 8 MB the SDK sends ``upload`` then ``upload, finalize``; the emulator assembles the bytes."""
-    import io
-
     data = (
         b'{"key": "k", "request": {"contents": [{"parts": [{"text": "' + b"z" * 1000 + b'"}]}]}}\n'
     ) * 9000
