@@ -152,6 +152,13 @@ def test_rerun_replays_collected_results_and_resubmits_only_failed(emulator: Gem
     online = run_batch(items, ProcessorConfig())
     assert all(r.replayed for r in online.results) and emu.count("generateContent") == 0
 
+    # And the other way: items answered online are replayed by a batch run; only new ones go into a job.
+    fresh = _items(strategy, 8, _tag())
+    run_batch(fresh[:5], ProcessorConfig())
+    mixed = run_batch(fresh, config)
+    assert [r.replayed for r in mixed.results] == [True] * 5 + [False] * 3
+    assert [j["requests"] for j in mixed.batch_jobs] == [3] and emu.batch_creates == 3
+
 
 def test_not_waiting_ends_pending_and_a_later_run_reattaches(emulator: GeminiEmulator) -> None:
     emu = emulator
@@ -470,3 +477,18 @@ def test_enrich_table_on_a_schedule_submits_once_then_collects(
     assert summary["failed"] == 0 and emu.batch_creates == 1 and len(emu.batch_requests()) == 6
     out = read_table(params["output_path"])
     assert out["book_id"].tolist() == ids and out["success"].all() and out["genre"].notna().all()
+
+
+def test_summary_artifact_lists_the_jobs_and_batch_billing() -> None:
+    from prefect_batchllm.core.items import BatchResult, WorkItemResult
+    from prefect_batchllm.prefect.artifacts import summary_markdown
+
+    ok = WorkItemResult("a", True, output="x", model=MODEL, metadata={"billing": "batch"})
+    bad = WorkItemResult("b", False, error="expired", error_category="batch_expired", model=MODEL)
+    jobs = [
+        {"name": "batches/one", "state": "JOB_STATE_SUCCEEDED", "mode": "inline", "requests": 1},
+        {"name": "batches/two", "state": "JOB_STATE_EXPIRED", "mode": "file", "requests": 1, "failed": 1},
+    ]
+    text = summary_markdown(BatchResult([ok, bad], batch_jobs=jobs))
+    assert "## Batch jobs" in text and "| batches/two | JOB_STATE_EXPIRED | file |" in text
+    assert "answered by batch jobs (batch prices) | 1 |" in text and "| batch_expired | 1 |" in text

@@ -31,10 +31,10 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -86,6 +86,9 @@ __all__ = [
 
 #: Bumped when job keys change meaning (old persisted job names are then not re-attached).
 JOB_KEY_VERSION = "batchllm-job-v1"
+#: Persisted-result reads / writes in flight at once (local files or object storage).
+_IO_CONCURRENCY = 32
+_T = TypeVar("_T")
 #: Persisted job names are re-attached for this long (Gemini keeps jobs and results at least 48 h).
 JOB_NAME_TTL = timedelta(days=7)
 
@@ -359,21 +362,21 @@ class BatchApiStep:
         return failure.retryable
 
     async def _replay(self) -> list[LLMWorkItem[Any, Any]]:
-        """Resolve items with a persisted result or a failed ``prepare()``; return the rest."""
-        pending: list[LLMWorkItem[Any, Any]] = []
-        for item in self.items:
+        """Resolve items with a persisted result or a failed ``prepare()``; return the rest (in order)."""
+
+        async def replayed(item: LLMWorkItem[Any, Any]) -> bool:
             if id(item.strategy) in self.run.prepare_errors:
-                await self._resolve(
-                    item, None
-                )  # the online path reports the prepare failure like online mode
-                continue
+                await self._resolve(item, None)  # the online path reports the prepare failure
+                return True
             if self.store is not None and not self.config.refresh_cache:
                 persisted = await _load_persisted(self.store, item_cache_key(item))
                 if persisted is not None:
                     await self._resolve(item, BatchOutcome(persisted, replayed=True))
-                    continue
-            pending.append(item)
-        return pending
+                    return True
+            return False
+
+        done = await _bounded(replayed(item) for item in self.items)
+        return [item for item, was_replayed in zip(self.items, done, strict=True) if not was_replayed]
 
     async def _submit_and_collect(
         self, items: list[LLMWorkItem[Any, Any]], generation: int
@@ -391,13 +394,15 @@ class BatchApiStep:
         # Each job is submitted and polled on its own, so a job waiting for quota (429 at create while
         # earlier jobs hold the enqueued-token budget) does not hold up collecting the others.
         outcomes = await asyncio.gather(*(submit_and_wait(job) for job in jobs))
+        successes = []
         for job, by_id in zip(jobs, outcomes, strict=True):
             for item in job.items:
                 outcome = by_id[item.item_id]
                 if isinstance(outcome.value, WorkItemResult):
-                    await self._resolve(item, outcome)
+                    successes.append((item, outcome))
                 else:
                     failures.append((item, outcome))
+        await _bounded(self._resolve(item, outcome) for item, outcome in successes)  # persists each
         return failures
 
     async def _plan(
@@ -639,6 +644,17 @@ class BatchApiStep:
             await self.store.awrite(obj=outcome.value, key=item_cache_key(item), expiration=expiration)
         except Exception as exc:  # the answer is still returned; only its replay is lost
             logger.warning("could not persist the batch result of %s: %s", item.item_id, describe_error(exc))
+
+
+async def _bounded(coros: Iterable[Awaitable[_T]], limit: int = _IO_CONCURRENCY) -> list[_T]:
+    """Await ``coros`` with at most ``limit`` running at once (result-store reads and writes); in order."""
+    semaphore = asyncio.Semaphore(limit)
+
+    async def gated(coro: Awaitable[_T]) -> _T:
+        async with semaphore:
+            return await coro
+
+    return list(await asyncio.gather(*(gated(c) for c in coros)))
 
 
 def _job_key(model: str, generation: int, plan: JobPlan, items: list[LLMWorkItem[Any, Any]]) -> str:
