@@ -492,3 +492,20 @@ def test_summary_artifact_lists_the_jobs_and_batch_billing() -> None:
     text = summary_markdown(BatchResult([ok, bad], batch_jobs=jobs))
     assert "## Batch jobs" in text and "| batches/two | JOB_STATE_EXPIRED | file |" in text
     assert "answered by batch jobs (batch prices) | 1 |" in text and "| batch_expired | 1 |" in text
+
+
+def test_polling_rides_out_server_errors_and_creation_retries_transient_ones(
+    emulator: GeminiEmulator,
+) -> None:
+    emu = emulator
+    emu.batch_delay = 0.2
+    emu.faults.add(Fault.status(503), endpoint="batches.get", times=3)
+    emu.faults.add(Fault.status(500), endpoint="batches.create", times=1)
+    tag = _tag()
+    items = _items(GeminiStrategy(GeminiModel(MODEL, emu.client())), 6, tag)
+    result = run_batch(
+        items, ProcessorConfig(execution="batch_api", retry=RetryConfig(initial_wait=0), **FAST)
+    )
+    assert result.succeeded == 6
+    assert emu.count("batches.get", status=503) == 3 and emu.count("batches.create", status=500) == 1
+    assert emu.batch_creates == 1

@@ -234,22 +234,32 @@ async def wait_for_job(
     max_interval_s: float,
     deadline: float | None,
     on_poll: Callable[[types.BatchJob], Awaitable[None]] | None = None,
+    on_error: Callable[[Exception], Awaitable[bool]] | None = None,
     backoff: float = 1.5,
 ) -> types.BatchJob:
     """Poll ``name`` until it ends or ``deadline`` (``time.monotonic()``) passes; returns the last state.
 
     Waits on the event loop (``asyncio.sleep``: no thread held), ``interval_s`` first, growing by
-    ``backoff`` per poll up to ``max_interval_s``, never sleeping past the deadline.
+    ``backoff`` per poll up to ``max_interval_s``, never sleeping past the deadline. A failed poll is
+    raised unless ``on_error(exc)`` returns True (keep polling: a 503 must not end a day-long wait).
     """
     delay = interval_s
+    job: types.BatchJob | None = None
     while True:
-        job = await get_job(client, name)
-        if on_poll is not None:
-            await on_poll(job)
-        if state_name(job) in ANSWERED_STATES:
-            return job
+        try:
+            job = await get_job(client, name)
+        except Exception as exc:
+            if on_error is None or not await on_error(exc):
+                raise
+        else:
+            if on_poll is not None:
+                await on_poll(job)
+            if state_name(job) in ANSWERED_STATES:
+                return job
         now = time.monotonic()
         if deadline is not None and now >= deadline:
+            if job is None:
+                job = await get_job(client, name)  # never polled successfully: one last try, or raise
             return job
         sleep = delay if deadline is None else min(delay, max(0.0, deadline - now))
         await asyncio.sleep(sleep)

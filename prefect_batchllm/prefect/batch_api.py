@@ -272,7 +272,10 @@ async def _create_with_retries(job: _Job, display: str) -> Any:
             await asyncio.sleep(wait)
             delay = min(delay * 1.5, config.batch_poll_max_interval_s)
             if not info.is_rate_limit:
-                found = await find_job(job.client, display)
+                try:
+                    found = await find_job(job.client, display)
+                except Exception:  # listing is only a safety net
+                    found = None
                 if found is not None:
                     return found
 
@@ -514,13 +517,31 @@ class BatchApiStep:
                 record.state = state
 
         cfg = self.config
+        errors = 0
+
+        async def on_error(exc: Exception) -> bool:
+            """Keep polling through retryable errors (at most ``max_rate_limit_retries`` in a row)."""
+            nonlocal errors
+            info = self.run.classifier.classify(exc)
+            errors += 1
+            if not info.is_retryable or errors > cfg.retry.max_rate_limit_retries:
+                return False
+            log.info("polling batch job %s failed (%s); polling again", record.name, info.reason)
+            return True
+
+        async def on_poll_ok(current: Any) -> None:
+            nonlocal errors
+            errors = 0
+            await on_poll(current)
+
         final = await wait_for_job(
             job.client,
             record.name,
             interval_s=cfg.batch_poll_interval_s,
             max_interval_s=cfg.batch_poll_max_interval_s,
             deadline=deadline,
-            on_poll=on_poll,
+            on_poll=on_poll_ok,
+            on_error=on_error,
         )
         record.state = state_name(final)
         answers: dict[str, BatchAnswer] = {}
