@@ -509,3 +509,51 @@ def test_polling_rides_out_server_errors_and_creation_retries_transient_ones(
     assert result.succeeded == 6
     assert emu.count("batches.get", status=503) == 3 and emu.count("batches.create", status=500) == 1
     assert emu.batch_creates == 1
+
+
+async def test_answers_without_keys_fall_back_to_input_order_only_when_counts_agree() -> None:
+    from google.genai import types
+
+    from prefect_batchllm.models.gemini_batch import read_answers
+
+    def reply(text: str) -> types.InlinedResponse:
+        content = types.Content(role="model", parts=[types.Part(text=text)])
+        return types.InlinedResponse(
+            response=types.GenerateContentResponse(candidates=[{"content": content}])
+        )
+
+    job = types.BatchJob(
+        name="batches/x",
+        dest=types.BatchJobDestination(
+            inlined_responses=[reply("a"), types.InlinedResponse(error=types.JobError(code=8, message="q"))]
+        ),
+    )
+    answers = await read_answers(None, job, ["k1", "k2"])  # type: ignore[arg-type]
+    assert answers["k1"].response is not None and answers["k1"].response.text == "a"
+    assert answers["k2"].error == {"code": 8, "message": "q"}
+    with pytest.raises(RuntimeError, match="cannot be matched"):
+        await read_answers(None, job, ["k1"])  # type: ignore[arg-type]
+
+
+def test_jobs_are_split_by_count_and_size_and_a_too_large_request_is_named(emulator: GeminiEmulator) -> None:
+    from prefect_batchllm.models.gemini_batch import BatchRequest, plan_jobs
+
+    client = emulator.client()
+    requests = [BatchRequest(f"k{i}", f"prompt {i} " + "x" * 100, None) for i in range(10)]
+    assert [(p.mode, len(p.requests)) for p in plan_jobs(client, requests)] == [("inline", 10)]
+    by_count = plan_jobs(client, requests, inline_max_bytes=10, max_requests_per_job=4)
+    assert [(p.mode, p.keys) for p in by_count] == [
+        ("file", ["k0", "k1", "k2", "k3"]),
+        ("file", ["k4", "k5", "k6", "k7"]),
+        ("file", ["k8", "k9"]),
+    ]
+    line = len(by_count[0].lines[0]) + 1
+    by_size = plan_jobs(client, requests, inline_max_bytes=10, file_max_bytes=3 * line + 5)
+    assert [len(p.requests) for p in by_size] == [3, 3, 3, 1]
+    assert all(p.size_bytes <= 3 * line + 5 for p in by_size)
+    assert json.loads(by_size[0].lines[0]) == {
+        "key": "k0",
+        "request": {"contents": [{"parts": [{"text": requests[0].contents}], "role": "user"}]},
+    }
+    with pytest.raises(ValueError, match=r"k0.*input file limit"):
+        plan_jobs(client, requests, inline_max_bytes=10, file_max_bytes=50)

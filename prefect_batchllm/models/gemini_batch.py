@@ -266,38 +266,49 @@ async def wait_for_job(
         delay = min(delay * backoff, max_interval_s)
 
 
-async def read_answers(client: genai.Client, job: types.BatchJob) -> dict[str, BatchAnswer]:
-    """Every answer a finished job holds, by request key (inline responses or the responses file)."""
+async def read_answers(
+    client: genai.Client, job: types.BatchJob, keys: Sequence[str] | None = None
+) -> dict[str, BatchAnswer]:
+    """Every answer a finished job holds, by request key (inline responses or the responses file).
+
+    Answers are matched by their key (``metadata.key`` inline, ``key`` in the file). An answer without one
+    falls back to its position, which the API documents as the input order, when ``keys`` (the job's
+    request keys in order) is given and the counts agree; otherwise it is an error, never a guess.
+    """
     dest = job.dest
     answers: dict[str, BatchAnswer] = {}
     if dest is None:
         return answers
     if dest.inlined_responses:
-        for index, inlined in enumerate(dest.inlined_responses):
-            key = (inlined.metadata or {}).get("key")
-            if key is None:
-                raise RuntimeError(
-                    f"batch job {job.name}: inlined response {index} has no metadata key; answers cannot be "
-                    "matched to items"
-                )
+        inlined_all = dest.inlined_responses
+        for index, inlined in enumerate(inlined_all):
+            key = (inlined.metadata or {}).get("key") or _positional(keys, index, len(inlined_all), job)
             error = inlined.error.model_dump(exclude_none=True) if inlined.error is not None else None
             answers[key] = BatchAnswer(key, inlined.response, error)
         return answers
     if dest.file_name:
         data = await client.aio.files.download(file=dest.file_name)
-        for line in data.splitlines():
-            if not line.strip():
-                continue
-            answers.update([_file_answer(json.loads(line))])
+        lines = [json.loads(line) for line in data.splitlines() if line.strip()]
+        for index, line in enumerate(lines):
+            if not isinstance(line.get("key"), str):
+                line = {**line, "key": _positional(keys, index, len(lines), job)}
+            answers.update([_file_answer(line)])
     return answers
+
+
+def _positional(keys: Sequence[str] | None, index: int, count: int, job: types.BatchJob) -> str:
+    if keys is None or len(keys) != count:
+        raise RuntimeError(
+            f"batch job {job.name}: answer {index} carries no request key and the answers ({count}) cannot "
+            f"be matched to the requests ({len(keys) if keys is not None else 'unknown'}) by position"
+        )
+    return keys[index]
 
 
 def _file_answer(line: dict[str, Any]) -> tuple[str, BatchAnswer]:
     from google.genai import batches as sdk_batches
 
-    key = line.get("key")
-    if not isinstance(key, str):
-        raise RuntimeError("a batch responses-file line has no 'key'; answers cannot be matched to items")
+    key = line["key"]
     if isinstance(line.get("error"), dict):
         return key, BatchAnswer(key, None, line["error"])
     raw = line.get("response")

@@ -547,7 +547,7 @@ class BatchApiStep:
         answers: dict[str, BatchAnswer] = {}
         if record.state in JOB_STATE_CATEGORIES:
             try:
-                answers = await read_answers(job.client, final)
+                answers = await read_answers(job.client, final, job.plan.keys)
             except Exception as exc:
                 if record.state not in FAILED_STATES:
                     raise
