@@ -186,9 +186,16 @@ def enrich_table(
     summary = summarize(frame, result, output_path)
     log.info("enrich-table: %s", json.dumps(summary))
     if fail_on_item_failure and summary.get("failed"):
+        pending = int((frame["error_category"] == "batch_pending").sum())
+        hint = "Retry this run or run rerun-failed to re-request only the failed rows."
+        if pending:  # not failures of the rows: their Gemini batch job is still running
+            hint = (
+                f"{pending} of them are still in a running Gemini batch job: re-run this deployment (e.g. on "
+                "its schedule) to re-attach to the job and collect them; nothing is submitted or paid again."
+            )
         raise RowsFailed(
             f"{summary['failed']}/{summary['rows']} rows failed; the complete table is at {output_path}. "
-            "Retry this run or run rerun-failed to re-request only the failed rows."
+            + hint
         )
     return summary
 

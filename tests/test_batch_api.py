@@ -465,7 +465,9 @@ def test_enrich_table_on_a_schedule_submits_once_then_collects(
         "execution": "batch_api",
         "batch_wait_timeout_s": 0,
     }
-    with pytest.raises(RowsFailed, match="6/6 rows failed"):
+    with pytest.raises(
+        RowsFailed, match=r"6/6 rows failed.*6 of them are still in a running Gemini batch job"
+    ):
         enrich_table(**params)  # hour 1: submitted, still running; the table is written with pending rows
     out = read_table(params["output_path"])
     assert out["error_category"].tolist() == ["batch_pending"] * 6
