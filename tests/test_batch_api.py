@@ -152,12 +152,17 @@ def test_rerun_replays_collected_results_and_resubmits_only_failed(emulator: Gem
     online = run_batch(items, ProcessorConfig())
     assert all(r.replayed for r in online.results) and emu.count("generateContent") == 0
 
+    # refresh_cache requests every item anew: a new job, never the re-attached one.
+    refreshed = run_batch(items, ProcessorConfig(execution="batch_api", refresh_cache=True, **FAST))
+    assert refreshed.succeeded == 20 and not any(r.replayed for r in refreshed.results)
+    assert emu.batch_creates == 3 and refreshed.batch_jobs[0]["reattached"] is False
+
     # And the other way: items answered online are replayed by a batch run; only new ones go into a job.
     fresh = _items(strategy, 8, _tag())
     run_batch(fresh[:5], ProcessorConfig())
     mixed = run_batch(fresh, config)
     assert [r.replayed for r in mixed.results] == [True] * 5 + [False] * 3
-    assert [j["requests"] for j in mixed.batch_jobs] == [3] and emu.batch_creates == 3
+    assert [j["requests"] for j in mixed.batch_jobs] == [3] and emu.batch_creates == 4
 
 
 def test_not_waiting_ends_pending_and_a_later_run_reattaches(emulator: GeminiEmulator) -> None:

@@ -216,16 +216,18 @@ def _job_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     cache_expiration=JOB_NAME_TTL,
     retries=0,
 )
-async def submit_batch_job(label: str, job_key: str, registry_key: str) -> str:
-    """Submit one Gemini batch job (or adopt the one a crashed earlier submission created); returns its
-    name. Persisted under ``job_key`` (derived from the requests' content), so later runs re-attach."""
+async def submit_batch_job(label: str, job_key: str, registry_key: str, adopt: bool = True) -> str:
+    """Submit one Gemini batch job (or, with ``adopt``, adopt the one a crashed earlier submission created);
+    returns its name. Persisted under ``job_key`` (derived from the requests' content), so later runs
+    re-attach."""
     job = _JOBS[registry_key]
     display = f"{DISPLAY_PREFIX}{job_key[:40]}"
+    found = None
     try:
-        found = await find_job(job.client, display)
+        if adopt:
+            found = await find_job(job.client, display)
     except Exception as exc:  # listing is a safety net for a crash between create and persist
         logger.debug("could not list batch jobs (%s); submitting", describe_error(exc))
-        found = None
     if found is not None and found.name:
         get_run_logger().info("adopting batch job %s (%s) submitted earlier", found.name, state_name(found))
         job.record.reattached = True
@@ -454,7 +456,7 @@ class BatchApiStep:
         registry_key = f"{self.run.key}:{job.record.key}:{job.record.generation}"
         _JOBS[registry_key] = job
         self._keys.append(registry_key)
-        options: dict[str, Any] = {"refresh_cache": refresh}
+        options: dict[str, Any] = {"refresh_cache": refresh or self.config.refresh_cache}
         persist = self.config.persist_results
         if not persist:
             options.update(cache_policy=NO_CACHE, persist_result=False)
@@ -462,7 +464,11 @@ class BatchApiStep:
             options["result_storage"] = self.config.result_storage
         label = f"g{job.record.generation}-{job.record.key[:12]}-{len(job.items)}-items"
         state = await submit_batch_job.with_options(**options)(
-            label=label, job_key=job.record.key, registry_key=registry_key, return_state=True
+            label=label,
+            job_key=job.record.key,
+            registry_key=registry_key,
+            adopt=not self.config.refresh_cache,  # refresh_cache: every item is requested anew
+            return_state=True,
         )
         if not state.is_completed():
             exc = await state.aresult(raise_on_failure=False)
