@@ -281,8 +281,16 @@ def test_strategies_that_cannot_batch_fail_early_naming_the_fix(emulator: Gemini
     from prefect_batchllm.strategies.pydantic_ai import PydanticAIStrategy
 
     agent = Agent(TestModel(), output_type=Book)
-    with pytest.raises(TypeError, match=r"PydanticAIStrategy cannot .*response_schema=Book"):
+    with pytest.raises(TypeError, match=r"PydanticAIStrategy cannot .*\(TestModel\) must be .*GoogleModel"):
         run_batch(_items(PydanticAIStrategy(agent), 2, _tag()), ProcessorConfig(execution="batch_api"))
+    google = _google_agent(emulator, output_type=Book)
+
+    @google.tool_plain
+    def lookup(title: str) -> str:
+        return title
+
+    with pytest.raises(TypeError, match=r"the agent has tools.*execution='online'"):
+        run_batch(_items(PydanticAIStrategy(google), 2, _tag()), ProcessorConfig(execution="batch_api"))
     assert emulator.batch_creates == 0
     with pytest.raises(ValueError, match="execution"):
         ProcessorConfig(execution="batch")
@@ -564,3 +572,48 @@ def test_jobs_are_split_by_count_and_size_and_a_too_large_request_is_named(emula
     }
     with pytest.raises(ValueError, match=r"k0.*input file limit"):
         plan_jobs(client, requests, inline_max_bytes=10, file_max_bytes=50)
+
+
+def _google_agent(emu: GeminiEmulator, **kwargs: Any) -> Any:
+    from pydantic_ai import Agent
+    from pydantic_ai.models.google import GoogleModel
+    from pydantic_ai.providers.google import GoogleProvider
+
+    return Agent(GoogleModel(MODEL, provider=GoogleProvider(client=emu.client())), **kwargs)
+
+
+def test_pydantic_ai_agent_with_an_output_type_runs_as_a_batch_job(emulator: GeminiEmulator) -> None:
+    from pydantic_ai import NativeOutput
+
+    from prefect_batchllm.strategies.pydantic_ai import PydanticAIStrategy
+
+    emu = emulator
+    emu.batch_delay = 0.05
+    emu.faults.add(Fault.invalid_json(), contains="BROKEN", times=None)
+    agent = _google_agent(
+        emu,
+        output_type=NativeOutput(Book),
+        instructions="You catalogue books.",
+        model_settings={"temperature": 0.2, "max_tokens": 256},
+    )
+    tag = _tag()
+    items = _items(PydanticAIStrategy(agent), 10, tag, {3: "BROKEN"})
+    result = run_batch(items, ProcessorConfig(execution="batch_api", **FAST))
+    assert [r.item_id for r in result.results] == [i.item_id for i in items]
+    assert result.succeeded == 9 and result.results[3].error_category == "invalid_output"
+    assert all(isinstance(r.output, Book) for r in result.results if r.success)
+    (request, *_) = emu.batch_requests()
+    body = request.body or {}
+    generation = body.get("generationConfig") or body.get("generation_config") or {}
+    assert generation.get("responseMimeType") == "application/json"
+    assert generation.get("responseJsonSchema", {}).get("properties", {}).keys() == {"genre", "pages"}
+    assert generation.get("temperature") == 0.2 and generation.get("maxOutputTokens") == 256
+    assert "You catalogue books." in json.dumps(body.get("systemInstruction"))
+    assert result.total_input_tokens == _batch_usage(emu)["prompt"]
+    # The same agent online: same output type, the same items answered.
+    online = run_batch(
+        [LLMWorkItem(item_id=i.item_id + "-on", strategy=i.strategy, prompt=i.prompt) for i in items],
+        ProcessorConfig(retry=RetryConfig(max_attempts=1)),
+    )
+    assert [r.success for r in online.results] == [r.success for r in result.results]
+    assert all(isinstance(r.output, Book) for r in online.results if r.success)

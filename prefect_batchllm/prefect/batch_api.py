@@ -94,7 +94,12 @@ JOB_NAME_TTL = timedelta(days=7)
 
 
 def check_batch_items(items: Sequence[LLMWorkItem[Any, Any]]) -> None:
-    """Fail early (before any flow or job) when an item's strategy cannot run as a Gemini batch request."""
+    """Fail early (before any flow or job) when an item's strategy cannot run as a Gemini batch request.
+
+    A strategy that can has ``check_batch()``, ``batch_client()``, ``batch_model``, ``batch_request(prompt)``
+    and ``parse_batch_response(response)`` (``GeminiStrategy``; ``PydanticAIStrategy`` for agents on a
+    Gemini ``GoogleModel`` without tools); ``check_batch()`` raises a ``TypeError`` naming the fix.
+    """
     seen: set[int] = set()
     for item in items:
         strategy = item.strategy
@@ -102,36 +107,21 @@ def check_batch_items(items: Sequence[LLMWorkItem[Any, Any]]) -> None:
             continue
         seen.add(id(strategy))
         name = type(strategy).__name__
-        agent = getattr(strategy, "agent", None) or getattr(strategy, "agent_factory", None)
-        if agent is not None and not callable(getattr(strategy, "batch_request", None)):
-            output = getattr(getattr(strategy, "agent", None), "output_type", None)
-            shown = getattr(output, "__name__", None) or "YourOutputModel"
-            raise TypeError(
-                f"LLMWorkItem {item.item_id!r}: {name} cannot run with execution='batch_api': a pydantic-ai "
-                "agent run is a loop of live model calls (tools, output validators, retries), which a "
-                "batch job cannot answer. For the same structured output at batch prices use "
-                f"GeminiStrategy(GeminiModel(...) or GeminiCachedModel(...), response_schema={shown}) "
-                "(validated with the same pydantic type), or keep this strategy with execution='online'"
-            )
-        if not (
-            callable(getattr(strategy, "batch_request", None))
-            and callable(getattr(strategy, "parse_batch_response", None))
+        check = getattr(strategy, "check_batch", None)
+        if not callable(check) or not all(
+            callable(getattr(strategy, attr, None))
+            for attr in ("batch_client", "batch_request", "parse_batch_response")
         ):
             raise TypeError(
                 f"LLMWorkItem {item.item_id!r}: {name} cannot run with execution='batch_api' (Gemini batch "
                 "jobs need a strategy that builds Gemini requests and parses Gemini answers). Use "
-                "GeminiStrategy(GeminiModel(...) or GeminiCachedModel(...)) for batch mode, or "
-                "execution='online' for this strategy"
+                "GeminiStrategy(GeminiModel(...) or GeminiCachedModel(...)) or PydanticAIStrategy(agent "
+                "on a GoogleModel) for batch mode, or execution='online' for this strategy"
             )
-        model = getattr(strategy, "model", None)
-        if not callable(getattr(model, "request_config", None)) or not callable(
-            getattr(model, "client_for_loop", None)
-        ):
-            raise TypeError(
-                f"LLMWorkItem {item.item_id!r}: {name} over {type(model).__name__} cannot run with "
-                "execution='batch_api'; its model must be a GeminiModel or GeminiCachedModel (the batch job "
-                "is submitted with that model's client), or use execution='online'"
-            )
+        try:
+            check()
+        except TypeError as exc:
+            raise TypeError(f"LLMWorkItem {item.item_id!r}: {exc}") from None
 
 
 class BatchItemFailed(AttemptFailed):
@@ -422,8 +412,8 @@ class BatchApiStep:
         jobs: list[_Job] = []
         for group in groups.values():
             strategy = group[0].strategy
-            model = strategy.model  # type: ignore[attr-defined]
-            client = model.client_for_loop()
+            model_name = strategy.batch_model  # type: ignore[attr-defined]
+            client = strategy.batch_client()  # type: ignore[attr-defined]
             requests: list[BatchRequest] = []
             planned: list[LLMWorkItem[Any, Any]] = []
             for item in group:
@@ -443,8 +433,8 @@ class BatchApiStep:
             )
             for plan in plans:
                 plan_items = [by_id[key] for key in plan.keys]
-                key = _job_key(model.model, generation, plan, plan_items)
-                record = JobRecord(key, model.model, plan.mode, len(plan.requests), generation)
+                key = _job_key(model_name, generation, plan, plan_items)
+                record = JobRecord(key, model_name, plan.mode, len(plan.requests), generation)
                 jobs.append(
                     _Job(record, plan, strategy, plan_items, client, self.config, self.run.classifier)
                 )
