@@ -182,6 +182,19 @@ def test_not_waiting_ends_pending_and_a_later_run_reattaches(emulator: GeminiEmu
     assert again.error_categories() == {"batch_pending": 12} and emu.batch_creates == 1
     assert again.batch_jobs[0]["reattached"] is True
 
+    from prefect_batchllm.prefect.flows import BatchItemsFailed
+
+    with pytest.raises(BatchItemsFailed, match=r"batch_pending=12\).*re-run to collect") as failed:
+        run_batch(
+            items, ProcessorConfig(execution="batch_api", batch_wait_timeout_s=0, fail_on_item_failure=True)
+        )
+    assert len(failed.value.result.results) == 12 and emu.batch_creates == 1
+    pending = failed.value.result.results[0]
+    assert (
+        pending.error_category == "batch_pending"
+        and pending.metadata["batch_job"] == first.batch_jobs[0]["name"]
+    )
+
     emu.batch_delay = 0.0  # the job finishes; the next scheduled run collects it
     done = run_batch(items, config)
     assert done.succeeded == 12 and emu.batch_creates == 1

@@ -132,6 +132,9 @@ class BatchItemFailed(AttemptFailed):
         super().__init__(item_id, 1, info, message)
         self._category = category
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.item_id, self.info, self.message, self._category))
+
     @property
     def category(self) -> str:
         return self._category or self.info.category.value
@@ -563,7 +566,8 @@ class BatchApiStep:
                 )
                 info = ErrorInfo(ErrorCategory.UNKNOWN, False, reason=message)
                 outcomes[item.item_id] = BatchOutcome(
-                    BatchItemFailed(item.item_id, info, message, PENDING_CATEGORY)
+                    BatchItemFailed(item.item_id, info, message, PENDING_CATEGORY),
+                    metadata={"batch_job": record.name},
                 )
             else:
                 category = JOB_STATE_CATEGORIES[record.state]
@@ -571,7 +575,10 @@ class BatchApiStep:
                 if job_error:
                     message += f": {job_error}"
                 info = ErrorInfo(ErrorCategory.UNKNOWN, False, reason=message)
-                outcomes[item.item_id] = BatchOutcome(BatchItemFailed(item.item_id, info, message, category))
+                outcomes[item.item_id] = BatchOutcome(
+                    BatchItemFailed(item.item_id, info, message, category),
+                    metadata={"batch_job": record.name},
+                )
         record.succeeded = sum(1 for o in outcomes.values() if isinstance(o.value, WorkItemResult))
         record.failed = len(outcomes) - record.succeeded
         if record.state not in JOB_STATE_CATEGORIES:

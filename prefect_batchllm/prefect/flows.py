@@ -92,8 +92,12 @@ class BatchItemsFailed(Exception):
 
     def __str__(self) -> str:
         r = self.result
-        categories = ", ".join(f"{k}={v}" for k, v in sorted(r.error_categories().items()))
-        return f"{r.failed}/{r.total_items} items failed ({categories})"
+        counts = r.error_categories()
+        categories = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+        hint = ""
+        if counts.get("batch_pending"):  # not failures: their Gemini batch job is still running
+            hint = "; batch_pending items are still in running Gemini batch jobs: re-run to collect them"
+        return f"{r.failed}/{r.total_items} items failed ({categories}){hint}"
 
 
 # --------------------------------------------------------------------------------------------------
