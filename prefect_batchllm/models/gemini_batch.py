@@ -211,14 +211,19 @@ async def get_job(client: genai.Client, name: str) -> types.BatchJob:
     return await client.aio.batches.get(name=name)
 
 
-async def find_job(client: genai.Client, display_name: str) -> types.BatchJob | None:
-    """The newest job named ``display_name`` that is running or succeeded (a crashed submitter's job).
+async def find_job(client: genai.Client, display_name: str, *, max_jobs: int = 1000) -> types.BatchJob | None:
+    """The newest job named ``display_name`` that is running or succeeded (a crashed submitter's job),
+    among the ``max_jobs`` most recently listed.
 
     Jobs that ended FAILED / CANCELLED / EXPIRED are never adopted: their items are submitted again.
     """
     best: types.BatchJob | None = None
     pager = await client.aio.batches.list(config=types.ListBatchJobsConfig(page_size=100))
+    seen = 0
     async for job in pager:
+        seen += 1
+        if seen > max_jobs:
+            break
         if job.display_name != display_name or state_name(job) in FAILED_STATES:
             continue
         if best is None or (job.create_time and best.create_time and job.create_time > best.create_time):
