@@ -630,3 +630,19 @@ def test_pydantic_ai_agent_with_an_output_type_runs_as_a_batch_job(emulator: Gem
     )
     assert [r.success for r in online.results] == [r.success for r in result.results]
     assert all(isinstance(r.output, Book) for r in online.results if r.success)
+
+
+def test_without_a_persisted_job_name_the_job_is_adopted_by_its_display_name(
+    emulator: GeminiEmulator,
+) -> None:
+    """The safety net for a crash between ``batches.create`` answering and its result being persisted."""
+    emu = emulator
+    emu.batch_delay = (0.0, math.inf)
+    items = _items(GeminiStrategy(GeminiModel(MODEL, emu.client())), 5, _tag())
+    config = ProcessorConfig(execution="batch_api", persist_results=False, batch_wait_timeout_s=0, **FAST)
+    first = run_batch(items, config)
+    assert first.error_categories() == {"batch_pending": 5}
+    emu.batch_delay = 0.0
+    second = run_batch(items, config)
+    assert second.succeeded == 5 and emu.batch_creates == 1
+    assert second.batch_jobs[0]["name"] == first.batch_jobs[0]["name"] and second.batch_jobs[0]["reattached"]
