@@ -305,6 +305,11 @@ def test_strategies_that_cannot_batch_fail_early_naming_the_fix(emulator: Gemini
     with pytest.raises(TypeError, match=r"the agent has tools.*execution='online'"):
         run_batch(_items(PydanticAIStrategy(google), 2, _tag()), ProcessorConfig(execution="batch_api"))
     assert emulator.batch_creates == 0
+    dry = run_batch(
+        _items(GeminiStrategy(GeminiModel(MODEL, emulator.client())), 3, _tag()),
+        ProcessorConfig(execution="batch_api", dry_run=True),
+    )
+    assert dry.succeeded == 3 and emulator.batch_creates == 0 and emulator.count() == 0  # no call at all
     with pytest.raises(ValueError, match="execution"):
         ProcessorConfig(execution="batch")
     with pytest.raises(ValueError, match="batch_followup"):
