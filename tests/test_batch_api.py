@@ -651,3 +651,22 @@ def test_without_a_persisted_job_name_the_job_is_adopted_by_its_display_name(
     second = run_batch(items, config)
     assert second.succeeded == 5 and emu.batch_creates == 1
     assert second.batch_jobs[0]["name"] == first.batch_jobs[0]["name"] and second.batch_jobs[0]["reattached"]
+
+
+def test_an_invalid_batch_answer_is_followed_up_online_with_the_correction_note(
+    emulator: GeminiEmulator,
+) -> None:
+    emu = emulator
+    emu.batch_delay = 0.05
+    emu.faults.add(Fault.invalid_json(), contains="GARBLED", times=1)
+    emu.faults.add(Fault.safety_block(), contains="BLOCKED", times=None)
+    strategy = GeminiStrategy(GeminiModel(MODEL, emu.client()), response_schema=Book)
+    tag = _tag()
+    items = _items(strategy, 6, tag, {2: "GARBLED", 4: "BLOCKED"})
+    result = run_batch(items, ProcessorConfig(execution="batch_api", batch_followup="online", **FAST))
+    assert [r.success for r in result.results] == [True, True, True, True, False, True]
+    assert result.results[4].error_category == "blocked"  # never followed up: it would be blocked again
+    (online,) = emu.requests_for("generateContent")
+    assert f"[{tag}-002]" in online.prompt_text and "Your previous answer was invalid" in online.prompt_text
+    assert result.results[2].metadata.get("corrected") is True
+    assert result.results[2].metadata.get("billing") is None  # the answer used was billed online

@@ -41,7 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.results import ResultStore
 
-from prefect_batchllm.core.attempt import AttemptFailed
+from prefect_batchllm.core.attempt import AttemptFailed, _call_on_error
 from prefect_batchllm.core.config import ProcessorConfig
 from prefect_batchllm.core.errors import (
     DefaultErrorClassifier,
@@ -558,7 +558,7 @@ class BatchApiStep:
         for item in job.items:
             answer = answers.get(item.item_id)
             if answer is not None:
-                outcomes[item.item_id] = self._from_answer(job, item, answer, duration)
+                outcomes[item.item_id] = await self._from_answer(job, item, answer, duration)
             elif record.state == "JOB_STATE_UNSPECIFIED" or record.state not in JOB_STATE_CATEGORIES:
                 message = (
                     f"batch job {record.name} is still {record.state} (stopped waiting after "
@@ -592,7 +592,7 @@ class BatchApiStep:
             )
         return outcomes
 
-    def _from_answer(
+    async def _from_answer(
         self, job: _Job, item: LLMWorkItem[Any, Any], answer: BatchAnswer, duration: float
     ) -> BatchOutcome:
         ledger = self.run.ledger(item.item_id)
@@ -604,6 +604,8 @@ class BatchApiStep:
         try:
             output, usage, metadata = job.strategy.parse_batch_response(answer.response)
         except Exception as exc:  # blocked, empty or invalid answers: billed at batch prices
+            # As after an online attempt: the strategy may note a correction for the follow-up attempt.
+            await _call_on_error(job.strategy, exc, 1, ledger.state)
             return self._failure(item, exc, metadata=billed)
         ledger.token_usage = normalize_usage(usage)
         ratings = metadata.get("safety_ratings") if isinstance(metadata.get("safety_ratings"), dict) else None
