@@ -670,3 +670,21 @@ def test_an_invalid_batch_answer_is_followed_up_online_with_the_correction_note(
     assert f"[{tag}-002]" in online.prompt_text and "Your previous answer was invalid" in online.prompt_text
     assert result.results[2].metadata.get("corrected") is True
     assert result.results[2].metadata.get("billing") is None  # the answer used was billed online
+
+
+def test_a_job_whose_answers_cannot_be_read_fails_only_its_items(emulator: GeminiEmulator) -> None:
+    emu = emulator
+    emu.batch_delay = 0.05
+    emu.faults.add(Fault.status(500), endpoint="files.download", times=None)
+    tag = _tag()
+    items = _items(GeminiStrategy(GeminiModel(MODEL, emu.client())), 9, tag)
+    config = ProcessorConfig(
+        execution="batch_api", batch_inline_max_bytes=1, batch_max_requests_per_job=3, **FAST
+    )
+    result = run_batch(items, config)
+    assert [r.item_id for r in result.results] == [i.item_id for i in items]
+    assert result.error_categories() == {"transient": 9}  # three file jobs, none readable, nothing lost
+    assert all("files" in (r.error or "") or "500" in (r.error or "") for r in result.results)
+    emu.faults.clear()
+    again = run_batch(items, config)  # the jobs succeeded: a rerun re-attaches and reads them
+    assert again.succeeded == 9 and emu.batch_creates == 3

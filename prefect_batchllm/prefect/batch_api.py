@@ -386,8 +386,14 @@ class BatchApiStep:
             deadline = time.monotonic() + self.config.batch_wait_timeout_s
 
         async def submit_and_wait(job: _Job) -> dict[str, BatchOutcome]:
-            await self._submit(job)
-            return await self._collect(job, deadline)
+            try:
+                await self._submit(job)
+                return await self._collect(job, deadline)
+            except Exception as exc:  # e.g. the answers could not be downloaded: this job's items only
+                reason = f"batch job {job.record.name or '(not submitted)'}: {describe_error(exc)}"
+                logger.warning("%s", reason)
+                job.record.error = reason
+                return {item.item_id: self._failure(item, exc, message=reason) for item in job.items}
 
         # Each job is submitted and polled on its own, so a job waiting for quota (429 at create while
         # earlier jobs hold the enqueued-token budget) does not hold up collecting the others.
