@@ -30,7 +30,6 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -697,8 +696,3 @@ def _job_key(model: str, generation: int, plan: JobPlan, items: list[LLMWorkItem
     for item in items:
         digest.update(item_cache_key(item).encode() + b"\0")
     return digest.hexdigest()
-
-
-def summarize_categories(results: Sequence[WorkItemResult[Any, Any]]) -> dict[str, int]:
-    """Failed-item counts by category (for log lines)."""
-    return dict(Counter(r.error_category or "unknown" for r in results if not r.success))
