@@ -249,6 +249,13 @@ class ProcessorConfig:
     per task run (tens of ms of client CPU, plus event writes that compete with rate-limit writes on a
     SQLite server), so chunks suit batches of many thousands of items.
 
+    ``execution="batch_api"`` sends the items as Gemini Batch API jobs at batch prices instead (same
+    ``BatchResult``): job names are persisted under a key of the jobs' content so later runs re-attach
+    instead of paying twice; ``batch_poll_interval_s`` / ``batch_poll_max_interval_s`` shape the polling
+    back-off, ``batch_wait_timeout_s`` stops waiting (items still in a job fail ``batch_pending``: re-run to
+    collect), ``batch_inline_max_bytes`` / ``batch_max_requests_per_job`` choose inline vs uploaded-file jobs
+    and split them, and ``batch_followup`` re-runs failed items ``"online"`` or as a new ``"batch"`` job.
+
     ``artifact_key`` is the prefix of the summary / failures / progress artifact keys. By default it is
     derived from the calling flow (and deployment), so two ``run_batch`` sub-flows in one parent flow share
     (and overwrite) the same artifacts: give each its own ``artifact_key`` to keep them apart.
