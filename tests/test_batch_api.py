@@ -688,3 +688,29 @@ def test_a_job_whose_answers_cannot_be_read_fails_only_its_items(emulator: Gemin
     emu.faults.clear()
     again = run_batch(items, config)  # the jobs succeeded: a rerun re-attaches and reads them
     assert again.succeeded == 9 and emu.batch_creates == 3
+
+
+def test_items_of_two_models_become_one_job_each_and_keep_input_order(emulator: GeminiEmulator) -> None:
+    emu = emulator
+    emu.batch_delay = 0.05
+    flash = GeminiStrategy(GeminiModel(MODEL, emu.client()))
+    lite = GeminiStrategy(GeminiModel("gemini-2.5-flash-lite", emu.client()))
+    tag = _tag()
+    items = [
+        LLMWorkItem(item_id=f"{tag}-{i}", strategy=flash if i % 2 else lite, prompt=f"[{tag}-{i}] q")
+        for i in range(10)
+    ]
+    result = run_batch(items, ProcessorConfig(execution="batch_api", **FAST))
+    assert [r.item_id for r in result.results] == [i.item_id for i in items] and result.succeeded == 10
+    assert sorted((j["model"], j["requests"]) for j in result.batch_jobs) == [
+        ("gemini-2.5-flash", 5),
+        ("gemini-2.5-flash-lite", 5),
+    ]
+    assert [r.model for r in result.results] == ["gemini-2.5-flash-lite", "gemini-2.5-flash"] * 5
+    expected = 0.0
+    for r in result.results:
+        price = price_for(r.model)
+        assert price is not None
+        u = r.token_usage
+        expected += price.cost(u["input_tokens"], u["output_tokens"]) / 2
+    assert result.estimated_cost_usd == pytest.approx(expected)
