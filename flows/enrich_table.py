@@ -81,6 +81,9 @@ def table_config(
     artifact_key: str | None,
     chunk_size: int | None = None,
     timeout_per_item: float = 120.0,
+    execution: str = "online",
+    batch_wait_timeout_s: float | None = None,
+    batch_followup: str | None = None,
 ) -> ProcessorConfig:
     """The batch settings of a table job (results are always persisted: that is what makes reruns cheap)."""
     return ProcessorConfig(
@@ -94,6 +97,9 @@ def table_config(
         persist_results=True,
         artifact_key=artifact_key,
         chunk_size=chunk_size,
+        execution=execution,
+        batch_wait_timeout_s=batch_wait_timeout_s,
+        batch_followup=batch_followup,
     )
 
 
@@ -153,6 +159,9 @@ def enrich_table(
     fail_on_item_failure: bool = True,
     chunk_size: int | None = None,
     timeout_per_item: float = 120.0,
+    execution: str = "online",
+    batch_wait_timeout_s: float | None = None,
+    batch_followup: str | None = None,
 ) -> dict[str, Any]:
     """Add LLM output columns to every row of ``input_path`` and write the table to ``output_path``.
 
@@ -163,6 +172,12 @@ def enrich_table(
     one per row (for tables of many thousands of rows). ``timeout_per_item`` bounds one attempt (seconds).
     ``prompt_template_path`` is a template file or directory (``prompt_template_name`` /
     ``prompt_template_version`` pick one; default the highest version).
+
+    ``execution="batch_api"`` sends the rows as Gemini batch jobs (half the price, answers within 24 h).
+    With ``batch_wait_timeout_s`` (e.g. 0) the run does not wait for a job: its rows end ``batch_pending``
+    and the next run of the deployment (e.g. hourly on schedule) re-attaches to the same job and collects
+    it, without submitting or paying again. ``batch_followup`` ("online" / "batch") re-runs rows a job
+    failed.
     """
     log = get_run_logger()
     template = load_prompt_template(
@@ -179,6 +194,9 @@ def enrich_table(
         artifact_key=prefix,
         chunk_size=chunk_size,
         timeout_per_item=timeout_per_item,
+        execution=execution,
+        batch_wait_timeout_s=batch_wait_timeout_s,
+        batch_followup=batch_followup,
     )
     df = read_table(input_path)
     frame, result = enrich_frame(
@@ -189,9 +207,16 @@ def enrich_table(
     summary = summarize(frame, result, output_path)
     log.info("enrich-table: %s", json.dumps(summary))
     if fail_on_item_failure and summary.get("failed"):
+        pending = int((frame["error_category"] == "batch_pending").sum())
+        hint = "Retry this run or run rerun-failed to re-request only the failed rows."
+        if pending:  # not failures of the rows: their Gemini batch job is still running
+            hint = (
+                f"{pending} of them are still in a running Gemini batch job: re-run this deployment (e.g. on "
+                "its schedule) to re-attach to the job and collect them; nothing is submitted or paid again."
+            )
         raise RowsFailed(
             f"{summary['failed']}/{summary['rows']} rows failed; the complete table is at {output_path}. "
-            "Retry this run or run rerun-failed to re-request only the failed rows."
+            + hint
         )
     return summary
 

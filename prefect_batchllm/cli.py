@@ -5,6 +5,10 @@
     prefect-batchllm limits delete --prefix gemini-flash
     prefect-batchllm emulator --port 8089 --rpm 600 --latency 0.2
     prefect-batchllm demo
+    prefect-batchllm batches list|show NAME|cancel NAME [--base-url URL]
+
+``batches`` talks to the Gemini API with ``GEMINI_API_KEY`` (``--base-url`` or ``GOOGLE_GEMINI_BASE_URL``
+for a compatible server such as the bundled emulator).
 
 ``limits`` talks to the Prefect API of the active profile (``PREFECT_API_URL``), so the same limits hold
 for every flow run and worker that uses the prefix. Heavy imports happen inside each command.
@@ -70,6 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     emulator.add_argument("args", nargs=argparse.REMAINDER, help="forwarded to the emulator")
 
+    batches = commands.add_parser("batches", help="list, show or cancel Gemini batch jobs")
+    batch_actions = batches.add_subparsers(dest="action", required=True, metavar="ACTION")
+    batch_list = batch_actions.add_parser("list", help="recent batch jobs: name, state, model, display name")
+    batch_list.add_argument("--limit", type=_positive_int, default=50, help="at most this many (default 50)")
+    batch_show = batch_actions.add_parser("show", help="one job: state, times, answer counts when done")
+    batch_show.add_argument("name", help="batches/ID")
+    batch_cancel = batch_actions.add_parser("cancel", help="cancel a pending or running job")
+    batch_cancel.add_argument("name", help="batches/ID")
+    for sub in (batch_list, batch_show, batch_cancel):
+        sub.add_argument(
+            "--base-url",
+            default=None,
+            help="API base URL (default: GOOGLE_GEMINI_BASE_URL, else the Gemini API)",
+        )
+        sub.add_argument("--api-version", default="v1beta", help="API version path (default v1beta)")
+
     demo = commands.add_parser("demo", help="run the demo flow (flows/demo.py)")
     demo.add_argument("args", nargs=argparse.REMAINDER, help="forwarded to the demo")
     return parser
@@ -118,6 +138,71 @@ async def _limits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_client(args: argparse.Namespace) -> Any:
+    """A ``genai.Client`` from ``GEMINI_API_KEY`` (SDK retries off, like the rest of the package)."""
+    import os
+
+    from google import genai
+    from google.genai import types
+
+    from prefect_batchllm.core.errors import register_secret
+
+    key = os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")
+    if not key:
+        raise ValueError("set GEMINI_API_KEY to the API key of the project that owns the batch jobs")
+    register_secret(key)
+    base_url = args.base_url or os.environ.get("GOOGLE_GEMINI_BASE_URL") or None
+    options = types.HttpOptions(base_url=base_url, api_version=args.api_version, retry_options=None)
+    return genai.Client(vertexai=False, api_key=key, http_options=options)
+
+
+def _job_line(job: Any) -> str:
+    from prefect_batchllm.models.gemini_batch import state_name
+
+    created = job.create_time.isoformat(timespec="seconds") if job.create_time else "-"
+    model = (job.model or "-").removeprefix("models/")
+    return f"{job.name or '-':32s} {state_name(job):22s} {model:24s} {created:25s} {job.display_name or ''}"
+
+
+async def _batches(args: argparse.Namespace) -> int:
+    from google.genai import types
+
+    from prefect_batchllm.models.gemini_batch import read_answers, state_name
+
+    client = _batch_client(args)
+    if args.action == "list":
+        pager = await client.aio.batches.list(
+            config=types.ListBatchJobsConfig(page_size=min(args.limit, 100))
+        )
+        shown = 0
+        async for job in pager:
+            if shown >= args.limit:
+                break
+            print(_job_line(job))
+            shown += 1
+        if not shown:
+            print("no batch jobs")
+        return 0
+    if args.action == "cancel":
+        await client.aio.batches.cancel(name=args.name)
+        job = await client.aio.batches.get(name=args.name)
+        print(f"cancel requested: {job.name} is {state_name(job)}")
+        return 0
+    job = await client.aio.batches.get(name=args.name)
+    print(_job_line(job))
+    for label, value in (("started", job.start_time), ("updated", job.update_time), ("ended", job.end_time)):
+        if value is not None:
+            print(f"  {label}: {value.isoformat(timespec='seconds')}")
+    if job.error is not None and job.error.message:
+        print(f"  error: {job.error.message}")
+    if job.dest is not None:
+        answers = await read_answers(client, job)
+        failed = sum(1 for a in answers.values() if a.error is not None or a.response is None)
+        where = job.dest.file_name or "inline"
+        print(f"  answers: {len(answers)} ({len(answers) - failed} ok, {failed} failed) in {where}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
     args = build_parser().parse_args(list(argv) if argv is not None else None)
@@ -132,6 +217,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"demo: cannot import flows.demo ({exc}); run from the project checkout", file=sys.stderr)
             return 1
         return int(demo_main(args.args) or 0)
+    if args.command == "batches":
+        from prefect_batchllm.core.errors import describe_error
+
+        try:
+            return asyncio.run(_batches(args))
+        except ValueError as exc:
+            print(f"batches {args.action}: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:  # an API error: one readable line, never the key
+            print(f"batches {args.action}: {describe_error(exc)}", file=sys.stderr)
+            return 1
     try:
         return asyncio.run(_limits(args))
     except ValueError as exc:  # invalid prefix / values (RateLimitConfig validates)

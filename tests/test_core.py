@@ -83,11 +83,13 @@ def test_unknown_config_field_names_it_and_suggests() -> None:
         RetryConfig(max_attempt=2)
 
 
-def test_chunk_size_selects_chunked_execution_and_execution_is_not_a_setting() -> None:
+def test_chunk_size_selects_chunked_execution_and_execution_selects_online_or_batch_api() -> None:
     assert ProcessorConfig().chunk_size is None  # one task run per item by default
     assert ProcessorConfig(chunk_size=200).chunk_size == 200
-    with pytest.raises(TypeError, match=r"unknown config field 'execution'.*chunk_size"):
-        ProcessorConfig(execution="chunked")  # type: ignore[call-arg]
+    assert ProcessorConfig().execution == "online"
+    assert ProcessorConfig(execution="batch_api").execution == "batch_api"
+    with pytest.raises(ValueError, match=r"execution: must be one of 'online', 'batch_api'.*chunk_size=N"):
+        ProcessorConfig(execution="chunked")
 
 
 def test_conflicting_rpm_settings_are_an_error() -> None:

@@ -118,6 +118,13 @@ class RetryConfig:
         ]
 
 
+#: ``ProcessorConfig.execution`` values.
+EXECUTION_MODES = ("online", "batch_api")
+#: ``ProcessorConfig.batch_followup`` values.
+BATCH_FOLLOWUPS = (None, "online", "batch")
+#: Gemini's documented limit of one inline batch request (larger jobs go through an uploaded JSONL file).
+BATCH_INLINE_LIMIT_BYTES = 20_000_000
+
 _LIMIT_PREFIX = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
@@ -242,6 +249,13 @@ class ProcessorConfig:
     per task run (tens of ms of client CPU, plus event writes that compete with rate-limit writes on a
     SQLite server), so chunks suit batches of many thousands of items.
 
+    ``execution="batch_api"`` sends the items as Gemini Batch API jobs at batch prices instead (same
+    ``BatchResult``): job names are persisted under a key of the jobs' content so later runs re-attach
+    instead of paying twice; ``batch_poll_interval_s`` / ``batch_poll_max_interval_s`` shape the polling
+    back-off, ``batch_wait_timeout_s`` stops waiting (items still in a job fail ``batch_pending``: re-run to
+    collect), ``batch_inline_max_bytes`` / ``batch_max_requests_per_job`` choose inline vs uploaded-file jobs
+    and split them, and ``batch_followup`` re-runs failed items ``"online"`` or as a new ``"batch"`` job.
+
     ``artifact_key`` is the prefix of the summary / failures / progress artifact keys. By default it is
     derived from the calling flow (and deployment), so two ``run_batch`` sub-flows in one parent flow share
     (and overwrite) the same artifacts: give each its own ``artifact_key`` to keep them apart.
@@ -276,6 +290,14 @@ class ProcessorConfig:
     #: Stop admitting items once spent plus in-flight estimated cost would exceed this (USD); the rest
     #: fail with ``budget_exceeded`` and attempts 0. None: no budget.
     max_cost_usd: float | None = None
+    # -- Gemini Batch API mode (``execution="batch_api"``; see prefect_batchllm.prefect.batch_api) -----
+    execution: str = "online"  # "online": one call per item; "batch_api": Gemini batch jobs at batch prices
+    batch_poll_interval_s: float = 10.0  # first wait between job polls; grows x1.5 per poll
+    batch_poll_max_interval_s: float = 300.0  # cap of the poll back-off
+    batch_wait_timeout_s: float | None = None  # stop waiting after this long (re-run to collect); None: wait
+    batch_inline_max_bytes: int = 10_000_000  # jobs up to this request size go inline; larger: a JSONL file
+    batch_max_requests_per_job: int = 50_000  # more requests are split into several jobs
+    batch_followup: str | None = None  # re-run failed items "online", as a new "batch" job, or not (None)
 
     def __post_init__(self) -> None:
         _check_number(
@@ -320,8 +342,14 @@ class ProcessorConfig:
                 "chunk_size": (True, True),
                 "stop_after_systematic_errors": (True, True),
                 "max_cost_usd": (False, True),
+                "batch_poll_interval_s": (False, False),
+                "batch_poll_max_interval_s": (False, False),
+                "batch_wait_timeout_s": (False, True),
+                "batch_inline_max_bytes": (True, False),
+                "batch_max_requests_per_job": (True, False),
             },
         )
+        self._validate_batch_api()
         _require(
             self.stop_after_systematic_errors is None or self.stop_after_systematic_errors >= 0,
             own,
@@ -398,3 +426,61 @@ class ProcessorConfig:
             )
         self.retry.validate()
         self.rate_limit.validate()
+
+    def _validate_batch_api(self) -> None:
+        own = "ProcessorConfig"
+        _require(
+            self.execution in EXECUTION_MODES,
+            own,
+            "execution",
+            f"must be one of {', '.join(repr(m) for m in EXECUTION_MODES)}, got {self.execution!r}"
+            + ("; chunked execution is chunk_size=N" if self.execution == "chunked" else ""),
+        )
+        _require(
+            _positive(self.batch_poll_interval_s),
+            own,
+            "batch_poll_interval_s",
+            f"must be > 0 seconds, got {self.batch_poll_interval_s!r}",
+        )
+        _require(
+            _positive(self.batch_poll_max_interval_s)
+            and self.batch_poll_max_interval_s >= self.batch_poll_interval_s,
+            own,
+            "batch_poll_max_interval_s",
+            f"must be >= batch_poll_interval_s ({self.batch_poll_interval_s}), "
+            f"got {self.batch_poll_max_interval_s!r}",
+        )
+        _require(
+            self.batch_wait_timeout_s is None
+            or (math.isfinite(self.batch_wait_timeout_s) and self.batch_wait_timeout_s >= 0),
+            own,
+            "batch_wait_timeout_s",
+            "must be >= 0 seconds (0: submit or check once, then return) or None (wait until the jobs end), "
+            f"got {self.batch_wait_timeout_s!r}",
+        )
+        _require(
+            0 < self.batch_inline_max_bytes <= BATCH_INLINE_LIMIT_BYTES,
+            own,
+            "batch_inline_max_bytes",
+            f"must be > 0 and <= {BATCH_INLINE_LIMIT_BYTES:,} (Gemini's inline request limit), "
+            f"got {self.batch_inline_max_bytes!r}",
+        )
+        _require(
+            self.batch_max_requests_per_job >= 1,
+            own,
+            "batch_max_requests_per_job",
+            f"must be an int >= 1, got {self.batch_max_requests_per_job!r}",
+        )
+        _require(
+            self.batch_followup in BATCH_FOLLOWUPS,
+            own,
+            "batch_followup",
+            f"must be 'online', 'batch' or None, got {self.batch_followup!r}",
+        )
+        if self.execution == "batch_api":
+            _require(
+                self.chunk_size is None,
+                own,
+                "chunk_size",
+                "cannot be combined with execution='batch_api' (batch jobs are their own chunks); drop it",
+            )

@@ -177,6 +177,8 @@ class BatchResult(Generic[TOutput, TContext]):
     total_cached_tokens: int = 0
     wall_time_s: float = 0.0
     prices: dict[str, ModelPrice] | None = None  # per-model overrides of the default price table
+    #: Gemini batch jobs of an ``execution="batch_api"`` run: name, state, mode, model, counts.
+    batch_jobs: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.total_items = len(self.results)
@@ -217,7 +219,10 @@ class BatchResult(Generic[TOutput, TContext]):
             if price is not None:
                 u = r.token_usage
                 total += price.cost(
-                    u.get("input_tokens", 0), u.get("output_tokens", 0), u.get("cached_input_tokens", 0)
+                    u.get("input_tokens", 0),
+                    u.get("output_tokens", 0),
+                    u.get("cached_input_tokens", 0),
+                    billing=str(r.metadata.get("billing") or "online"),
                 )
         return total
 

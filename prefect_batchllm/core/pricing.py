@@ -30,12 +30,20 @@ class ModelPrice:
     input: float
     output: float
     cached_input: float | None = None  # default: 10 % of input (Gemini's cached-token discount)
+    batch_factor: float = 0.5  # Batch API price as a fraction of the online price (Gemini: 50 %)
 
-    def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
-        """USD for ``input_tokens`` (of which ``cached_tokens`` were served from a cache) and output."""
+    def cost(
+        self, input_tokens: int, output_tokens: int, cached_tokens: int = 0, *, billing: str = "online"
+    ) -> float:
+        """USD for these tokens; ``billing="batch"`` applies the Batch API price (``batch_factor``)."""
         cached_rate = self.cached_input if self.cached_input is not None else self.input * 0.10
         uncached = max(0, input_tokens - cached_tokens)
-        return (uncached * self.input + cached_tokens * cached_rate + output_tokens * self.output) / 1e6
+        online = (uncached * self.input + cached_tokens * cached_rate + output_tokens * self.output) / 1e6
+        return online * self.batch_factor if billing == BATCH_BILLING else online
+
+
+#: ``WorkItemResult.metadata["billing"]`` of results answered by a Gemini batch job (billed at batch prices).
+BATCH_BILLING = "batch"
 
 
 #: Prices registered with :func:`register_price` (they win over genai-prices).

@@ -232,6 +232,24 @@ class GeminiModel:
         )
         return self._to_response(response, schema_requested=_schema_requested(config))
 
+    # -- the two halves of ``generate``, for callers that send requests another way (batch jobs) ------
+
+    def client_for_loop(self) -> genai.Client:
+        """The ``genai.Client`` this model uses on the running event loop (e.g. to submit batch jobs)."""
+        return self._client()
+
+    async def request_config(
+        self, *, temperature: float = 0.0, config: dict[str, Any] | None = None
+    ) -> types.GenerateContentConfig:
+        """The ``GenerateContentConfig`` :meth:`generate` would send (system instruction, safety, schema)."""
+        return self._build_config(temperature, None, config)
+
+    def to_llm_response(
+        self, response: types.GenerateContentResponse, *, config: dict[str, Any] | None = None
+    ) -> LLMResponse:
+        """What :meth:`generate` returns for ``response`` (same blocked / empty-answer checks and errors)."""
+        return self._to_response(response, schema_requested=_schema_requested(config))
+
     # -- building blocks shared with the cached model ------------------------------------------------
 
     def _build_config(
@@ -557,6 +575,19 @@ class GeminiCachedModel(GeminiModel):
         await self._recreate(stale=name)
         name = await self._current_name()
         return await self._generate_with(name, prompt, temperature, config)
+
+    async def request_config(
+        self, *, temperature: float = 0.0, config: dict[str, Any] | None = None
+    ) -> types.GenerateContentConfig:
+        """The config :meth:`generate` would send now: ``cached_content`` is this model's (prepared, renewed
+        near expiry) cache, so requests built from it reference the shared context cache."""
+        conflicting = sorted(CACHE_CONFLICTING_KEYS & set(config or {}))
+        if conflicting:
+            raise ValueError(f"config key(s) {conflicting} cannot be used with a context cache (Gemini rule)")
+        await self.prepare()
+        if self.auto_renew and self._needs_renewal():
+            await self._renew()
+        return self._build_config(temperature, None, config, cached_content=await self._current_name())
 
     # -- internals -----------------------------------------------------------------------------------
 

@@ -168,6 +168,23 @@ def summary_markdown(batch: BatchResult[Any, Any], title: str = "Batch summary")
     unpriced = batch.unpriced_models
     if unpriced:
         lines.append(f"| models without a price (cost 0) | {', '.join(unpriced)} |")
+    billed_batch = sum(1 for r in batch.results if r.metadata.get("billing") == "batch")
+    if billed_batch:
+        lines.append(f"| answered by batch jobs (batch prices) | {_fmt_int(billed_batch)} |")
+    if batch.batch_jobs:
+        lines += [
+            "",
+            "## Batch jobs",
+            "",
+            "| job | state | mode | requests | succeeded | failed | re-attached |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {j.get('name') or '(not submitted)'} | {j.get('state')} | {j.get('mode')} | "
+            f"{j.get('requests')} | {j.get('succeeded')} | {j.get('failed')} | "
+            f"{'yes' if j.get('reattached') else 'no'} |"
+            for j in batch.batch_jobs
+        ]
     categories = batch.error_categories()
     if categories:
         lines += ["", "## Failures by category", "", "| category | items |", "|---|---|"]

@@ -105,8 +105,12 @@ class BatchItemsFailed(Exception):
 
     def __str__(self) -> str:
         r = self.result
-        categories = ", ".join(f"{k}={v}" for k, v in sorted(r.error_categories().items()))
-        return f"{r.failed}/{r.total_items} items failed ({categories})"
+        counts = r.error_categories()
+        categories = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+        hint = ""
+        if counts.get("batch_pending"):  # not failures: their Gemini batch job is still running
+            hint = "; batch_pending items are still in running Gemini batch jobs: re-run to collect them"
+        return f"{r.failed}/{r.total_items} items failed ({categories}){hint}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,6 +152,10 @@ def validate_batch_inputs(items: Any, config: Any) -> tuple[list[LLMWorkItem[Any
                     f"{model!r}, which has no known price: call prefect_batchllm.core.pricing."
                     "register_price(model, ModelPrice(...)) first, or drop max_cost_usd"
                 )
+    if config.execution == "batch_api" and not config.dry_run:
+        from prefect_batchllm.prefect.batch_api import check_batch_items
+
+        check_batch_items(items)
     return items, config
 
 
@@ -592,6 +600,7 @@ async def _run_batch(
     strategies = _unique_strategies(items)
     ready: set[int] = set()  # strategies whose prepare step has finished (or failed)
     lazy_lock = asyncio.Lock()
+    batch_step: Any = None  # execution="batch_api": the Gemini batch-job step (prefect/batch_api.py)
     completed = 0
     started = time.monotonic()
 
@@ -622,7 +631,11 @@ async def _run_batch(
             )
         await ensure_prepared(current.strategy)
         await events.emit(ProcessingEvent.ITEM_STARTED, {"item_id": item.item_id, "index": index})
-        if config.chunk_size is None:
+        batch_outcome = await batch_step.outcome(current) if batch_step is not None else None
+        if batch_outcome is not None:  # answered (or failed) by a Gemini batch job
+            result, error = _outcome(batch_outcome.value, current, run, replayed=batch_outcome.replayed)
+            result.metadata.update(batch_outcome.metadata)  # billing="batch" for failed answers too
+        elif config.chunk_size is None:
             result, error = await _execute_as_task(item_task, current, run)
         else:
             result, error = await _execute_inline(current, run)
@@ -742,7 +755,13 @@ async def _run_batch(
         if not config.dry_run:
             await _prepare_all(run, strategies)
         ready.update(id(s) for s in strategies)
+        if config.execution == "batch_api" and not config.dry_run:
+            from prefect_batchllm.prefect.batch_api import BatchApiStep
+
+            batch_step = BatchApiStep(run, items, await chunk_result_store(item_task))
         async with asyncio.TaskGroup() as group:
+            if batch_step is not None:
+                group.create_task(batch_step.run_step())
             if config.chunk_size is None:
                 for _ in range(min(config.max_workers, total)):
                     group.create_task(worker())
@@ -771,7 +790,8 @@ async def _run_batch(
     if len(final) != total:  # defensive: every item must be accounted for
         raise RuntimeError(f"internal error: {total - len(final)} items have no result")
     await progress.update(completed, force=True)
-    batch = await summarize_batch(quote(final), wall, prefix)
+    jobs = batch_step.job_summaries() if batch_step is not None else None
+    batch = await summarize_batch(quote(final), wall, prefix, batch_jobs=jobs)
     await events.emit(
         ProcessingEvent.BATCH_COMPLETED,
         {

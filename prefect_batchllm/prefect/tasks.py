@@ -512,10 +512,15 @@ def configured_item_task(config: ProcessorConfig) -> Any:
     persist_result=False,
 )
 async def summarize_batch(
-    results: list[WorkItemResult[Any, Any]], wall_time_s: float, artifact_prefix: str
+    results: list[WorkItemResult[Any, Any]],
+    wall_time_s: float,
+    artifact_prefix: str,
+    batch_jobs: list[dict[str, Any]] | None = None,
 ) -> BatchResult[Any, Any]:
     """Reduce: build the :class:`BatchResult` from in-process results and publish its artifacts."""
-    batch: BatchResult[Any, Any] = BatchResult(results=list(results), wall_time_s=wall_time_s)
+    batch: BatchResult[Any, Any] = BatchResult(
+        results=list(results), wall_time_s=wall_time_s, batch_jobs=list(batch_jobs or [])
+    )
     await publish_batch_artifacts(batch, artifact_prefix)
     return batch
 

@@ -335,6 +335,50 @@ class GeminiStrategy(LLMCallStrategy[TOutput]):
             temperature=self.temperature,
             config=self._request_config(),
         )
+        return self.parse_response(response, state)
+
+    # -- the two halves of ``execute`` for Gemini batch jobs (request out, answer back) ----------------
+
+    def check_batch(self) -> None:
+        """Raise ``TypeError`` (naming the fix) unless this strategy can run as Gemini batch requests."""
+        model = self.model
+        if not all(
+            callable(getattr(model, name, None))
+            for name in ("request_config", "to_llm_response", "client_for_loop")
+        ):
+            raise TypeError(
+                f"GeminiStrategy over {type(model).__name__} cannot run with execution='batch_api': the "
+                "model must be a GeminiModel or GeminiCachedModel (or use execution='online')"
+            )
+
+    def batch_client(self) -> Any:
+        """The ``genai.Client`` that submits this strategy's batch jobs (the model's, on this loop)."""
+        self.check_batch()
+        return self.model.client_for_loop()  # type: ignore[attr-defined]
+
+    @property
+    def batch_model(self) -> str:
+        """The model name the batch job is created for."""
+        return str(self.model.model)  # type: ignore[attr-defined]
+
+    async def batch_request(self, prompt: Any) -> tuple[Any, Any]:
+        """``(contents, GenerateContentConfig)`` of the request :meth:`execute` would send for ``prompt``
+        (first attempt): system instruction, safety settings, response schema and the model's context
+        cache, built by the model itself. Raises ``TypeError`` when the model cannot build requests."""
+        self.check_batch()
+        build = self.model.request_config  # type: ignore[attr-defined]
+        return prompt, await build(temperature=self.temperature, config=self._request_config())
+
+    def parse_batch_response(self, response: Any) -> tuple[TOutput, TokenUsage, dict[str, Any]]:
+        """``(output, usage, metadata)`` of a batch job's ``GenerateContentResponse``: the model's online
+        checks (blocked, empty) and this strategy's parser and validation, exactly as in :meth:`execute`."""
+        llm_response = self.model.to_llm_response(response, config=self._request_config())  # type: ignore[attr-defined]
+        return self.parse_response(llm_response)
+
+    def parse_response(
+        self, response: LLMResponse, state: RetryState | None = None
+    ) -> tuple[TOutput, TokenUsage, dict[str, Any]]:
+        """Parse and validate one model answer; raises :class:`InvalidOutputError` (with billed tokens)."""
         usage = response.token_usage()
         try:
             output = self.response_parser(response)

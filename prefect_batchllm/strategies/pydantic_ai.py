@@ -142,6 +142,53 @@ class PydanticAIStrategy(LLMCallStrategy[TOutput]):
         """Model name, output type and instructions of the agent."""
         return _fingerprint(type(self), self.model_name, _output_type(self.agent), _agent_prompts(self.agent))
 
+    # -- Gemini batch jobs (execution="batch_api") ---------------------------------------------------
+    #
+    # A batch request is one model call, so only an agent whose run is one call can become one: a Gemini
+    # ``GoogleModel``, no tools, toolsets or output validators, static instructions. Its output type
+    # becomes ``response_json_schema`` and each answer is validated into that same type.
+
+    def check_batch(self) -> None:
+        """Raise ``TypeError`` naming what stops this agent from running as Gemini batch requests."""
+        self._batch_spec()
+
+    def batch_client(self) -> Any:
+        """The agent's ``genai.Client`` (its ``GoogleModel``'s), which submits the batch jobs."""
+        return self._batch_spec().client
+
+    @property
+    def batch_model(self) -> str:
+        """The model name the batch job is created for."""
+        return self._batch_spec().model.model
+
+    async def batch_request(self, prompt: Any) -> tuple[Any, Any]:
+        """``(contents, GenerateContentConfig)`` of the single call this agent's run makes: its
+        instructions, model settings, and its output type as ``response_json_schema``."""
+        spec = self._batch_spec()
+        if not isinstance(prompt, str | list):
+            raise TypeError(f"PydanticAIStrategy batch prompts must be text or content parts, got {prompt!r}")
+        config = spec.model._build_config(  # the same config builder GeminiModel.generate uses
+            spec.temperature, None, spec.config, cached_content=spec.cached_content
+        )
+        return prompt, config
+
+    def parse_batch_response(self, response: Any) -> tuple[Any, TokenUsage, dict[str, Any]]:
+        """``(output, usage, metadata)``: GeminiModel's blocked / empty checks, then the answer validated
+        into the agent's output type (``InvalidOutputError`` with billed tokens when it does not fit)."""
+        spec = self._batch_spec()
+        llm_response = spec.model.to_llm_response(response)
+        output = spec.parse(llm_response)
+        meta = llm_response.metadata or {}
+        metadata = {k: meta[k] for k in ("finish_reason", "safety_ratings", "model_version") if meta.get(k)}
+        return output, llm_response.token_usage(), metadata
+
+    def _batch_spec(self) -> _AgentBatchSpec:
+        spec = getattr(self, "_batch_spec_cache", None)
+        if spec is None:
+            spec = _AgentBatchSpec.of(self.agent)
+            self._batch_spec_cache = spec
+        return spec
+
 
 class AgentFactoryStrategy(LLMCallStrategy[TOutput]):
     """Builds a fresh agent per attempt with ``agent_factory(attempt)`` (e.g. rising temperature on retries).
@@ -206,6 +253,122 @@ class AgentFactoryStrategy(LLMCallStrategy[TOutput]):
         factory = callable_identity(self.agent_factory)
         agent = self._probe_agent()
         return _fingerprint(type(self), factory, self.model_name, _output_type(agent), _agent_prompts(agent))
+
+
+#: pydantic-ai model settings -> GenerateContentConfig fields, for batch requests.
+_SETTING_FIELDS = {
+    "max_tokens": "max_output_tokens",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "seed": "seed",
+    "stop_sequences": "stop_sequences",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "google_safety_settings": "safety_settings",
+    "google_thinking_config": "thinking_config",
+    "google_labels": "labels",
+}
+
+
+class _AgentBatchSpec:
+    """What a one-call agent sends to Gemini, read once from the agent (see ``check_batch``)."""
+
+    def __init__(
+        self,
+        model: Any,
+        client: Any,
+        temperature: float | None,
+        config: dict[str, Any],
+        cached_content: str | None,
+        parse: Callable[[Any], Any],
+    ) -> None:
+        self.model, self.client, self.temperature = model, client, temperature
+        self.config, self.cached_content, self.parse = config, cached_content, parse
+
+    @classmethod
+    def of(cls, agent: Any) -> _AgentBatchSpec:
+        from pydantic import TypeAdapter
+
+        from prefect_batchllm.models.gemini import GeminiModel
+        from prefect_batchllm.strategies.gemini import _text_parser, _unwrap_output_spec, pydantic_json_parser
+
+        fix = "keep this agent with execution='online', or use GeminiStrategy for batch jobs"
+        model = getattr(agent, "model", None)
+        client = getattr(model, "client", None)
+        if not hasattr(client, "aio") or not hasattr(client, "batches"):
+            raise TypeError(
+                f"PydanticAIStrategy cannot run with execution='batch_api': the agent's model "
+                f"({type(model).__name__}) must be a pydantic_ai GoogleModel on the Gemini API "
+                f"(provider=GoogleProvider(client=genai.Client(...))); {fix}"
+            )
+        problems = []
+        if getattr(getattr(agent, "_function_toolset", None), "tools", None):
+            problems.append("tools")
+        if getattr(agent, "_user_toolsets", None) or getattr(agent, "_dynamic_toolsets", None):
+            problems.append("toolsets")
+        if getattr(agent, "_output_validators", None):
+            problems.append("output validators")
+        if getattr(agent, "_system_prompt_functions", None) or getattr(
+            agent, "_system_prompt_dynamic_functions", None
+        ):
+            problems.append("dynamic system prompts")
+        instructions = [getattr(i, "instruction", i) for i in getattr(agent, "_instructions", None) or []]
+        if any(not isinstance(i, str) for i in instructions):
+            problems.append("dynamic instructions")
+        if problems:
+            raise TypeError(
+                f"PydanticAIStrategy cannot run with execution='batch_api': the agent has "
+                f"{', '.join(problems)}, so its run is more than one model call and a batch job cannot "
+                f"answer it; {fix}"
+            )
+        settings = {
+            **(getattr(model, "settings", None) or {}),
+            **(getattr(agent, "model_settings", None) or {}),
+        }
+        unknown = sorted(
+            k
+            for k in settings
+            if k not in _SETTING_FIELDS and k not in ("temperature", "google_cached_content")
+        )
+        if unknown:
+            raise TypeError(
+                f"PydanticAIStrategy cannot run with execution='batch_api': model settings {unknown} have no "
+                f"batch-request equivalent here; drop them or {fix}"
+            )
+        system = "\n\n".join(
+            [p for p in getattr(agent, "_system_prompts", ()) if isinstance(p, str)] + instructions
+        )
+        cached = settings.get("google_cached_content")
+        if cached and system:
+            raise TypeError(
+                "PydanticAIStrategy cannot run with execution='batch_api': Gemini rejects a system "
+                "instruction next to google_cached_content; put the instructions into the cache"
+            )
+        config = {_SETTING_FIELDS[k]: v for k, v in settings.items() if k in _SETTING_FIELDS}
+        spec = _output_type(agent)
+        outputs = getattr(spec, "outputs", spec)
+        if isinstance(outputs, list | tuple) and len(outputs) > 1:
+            raise TypeError(
+                f"PydanticAIStrategy cannot run with execution='batch_api': the agent has several output "
+                f"types ({outputs!r}); one response schema needs one type (e.g. a Union in one model); {fix}"
+            )
+        output_type = _unwrap_output_spec(spec)
+        if output_type is str:
+            parse: Callable[[Any], Any] = _text_parser
+        else:
+            try:
+                schema = TypeAdapter(output_type).json_schema()
+            except Exception as exc:
+                raise TypeError(
+                    f"PydanticAIStrategy cannot run with execution='batch_api': output type {output_type!r} "
+                    f"has no JSON schema ({exc}); {fix}"
+                ) from None
+            config.update(response_mime_type="application/json", response_json_schema=schema)
+            parse = pydantic_json_parser(output_type)
+        gemini = GeminiModel(
+            bare_model_name(str(model.model_name)), client, system_instruction=system or None
+        )
+        return cls(gemini, client, settings.get("temperature"), config, cached, parse)
 
 
 def _output_type(agent: Any) -> Any:

@@ -13,6 +13,7 @@ import sys
 import threading
 from types import FrameType
 
+from ._batches import BatchDelay
 from .emulator import GeminiEmulator, Latency
 
 
@@ -32,6 +33,17 @@ def _latency(value: str) -> Latency:
         raise argparse.ArgumentTypeError(f"expected SECONDS or LO,HI, got {value!r}") from None
 
 
+def _batch_delay(value: str) -> BatchDelay:
+    """ "2" -> 2 s PENDING then 2 s RUNNING; "1,30" -> 1 s PENDING, 30 s RUNNING; "inf" holds jobs."""
+    try:
+        parts = [float(v) for v in value.split(",")]
+        if len(parts) > 2 or any(not p >= 0 for p in parts):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SECONDS or PENDING,RUNNING, got {value!r}") from None
+    return (parts[0], parts[1]) if len(parts) == 2 else parts[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser shared with the ``prefect-batchllm emulator`` command."""
     parser = argparse.ArgumentParser(
@@ -47,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--min-cache-tokens", type=int, default=0, help="reject smaller caches with 400")
     parser.add_argument("--seed", type=int, default=0, help="seed for deterministic answers and ids")
+    parser.add_argument(
+        "--batch-delay",
+        type=_batch_delay,
+        default=0.0,
+        help="seconds a batch job stays PENDING then RUNNING, or PENDING,RUNNING (default 0)",
+    )
+    parser.add_argument(
+        "--batch-outcome",
+        default="SUCCEEDED",
+        choices=["SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED"],
+        help="state batch jobs end in once their delay has passed (default SUCCEEDED)",
+    )
     parser.add_argument("--no-auth", action="store_true", help="accept requests without x-goog-api-key")
     parser.add_argument("--verbose", "-v", action="store_true", help="log one line per request")
     return parser
@@ -70,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         min_cache_tokens=args.min_cache_tokens,
         seed=args.seed,
         log_requests=args.verbose,
+        batch_delay=args.batch_delay,
     )
+    emulator.set_batch_outcome(args.batch_outcome)
     try:
         emulator.start()
     except OSError as exc:

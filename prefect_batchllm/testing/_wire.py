@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,6 +67,34 @@ BAD_GATEWAY_HTML = (
 MALFORMED_BODY = (
     b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"
 )
+
+
+JSON_TYPE = "application/json; charset=UTF-8"
+
+
+@dataclass
+class Reply:
+    """What the emulator's handler thread writes back for one request."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = JSON_TYPE
+    events: list[bytes] | None = None  # SSE events; body is ignored when set
+    drop: bool = False  # close the socket without answering
+    usage: dict[str, Any] | None = None
+    headers: dict[str, str] | None = None  # extra response headers (X-Goog-Upload-*)
+
+
+def json_reply(status: int, payload: Any, usage: dict[str, Any] | None = None) -> Reply:
+    """A JSON answer."""
+    return Reply(status, json.dumps(payload, ensure_ascii=False).encode(), usage=usage)
+
+
+def error_reply(code: int, message: str | None = None) -> Reply:
+    """An error answer in the google.rpc envelope (502 is an HTML page, as a proxy sends it)."""
+    if code == 502:
+        return Reply(502, BAD_GATEWAY_HTML, content_type="text/html; charset=UTF-8")
+    return json_reply(code, error_body(code, message))
 
 
 def error_body(

@@ -8,6 +8,43 @@ enforces rpm/tpm quotas with real 429 bodies, records every request, and can inj
 Design: a ``ThreadingHTTPServer`` (one daemon thread per keep-alive connection) on a background thread.
 Latency and hangs wait on a stop event, so slow requests never serialise and :meth:`stop` never
 blocks on them. Every response is written with one ``sendall`` and an explicit Content-Length.
+
+Batch API (``client.aio.batches.*`` and ``client.aio.files.*``; under /v1, /v1beta and /v1alpha):
+
+- Endpoints: ``POST models/{m}:batchGenerateContent`` (inline ``inputConfig.requests.requests[]`` of
+  ``{request, metadata}``, or ``inputConfig.fileName``), ``GET batches/{id}``, ``GET batches``
+  (pageSize/pageToken, newest first), ``POST batches/{id}:cancel``, ``DELETE batches/{id}`` (then 404).
+  Files: ``POST /upload/v1beta/files`` (resumable: ``start`` answers ``X-Goog-Upload-URL``; ``upload,
+  finalize`` answers ``{"file": ...}``), ``GET files/{id}``, ``GET files``, ``DELETE files/{id}``,
+  ``GET files/{id}:download?alt=media`` (only GENERATED files, i.e. batch outputs). Unknown file: 403.
+- Answers are Operations: ``{"name", "metadata": {GenerateContentBatch: state, batchStats, ...,
+  "output"}, "done", "response"}``. When SUCCEEDED: ``output.inlinedResponses.inlinedResponses[]`` of
+  ``{response, metadata}`` / ``{error: {code: <google.rpc code>, message}, metadata}`` in input order, or
+  for file jobs ``output.responsesFile = "files/batch-ID"``: JSONL lines ``{"key", "response"|"error"}``.
+  FAILED / CANCELLED / EXPIRED jobs have no output.
+- States: PENDING -> RUNNING -> SUCCEEDED (or the outcome set below), advanced lazily on every read.
+  ``batch_delay=d`` keeps a job PENDING d seconds then RUNNING d more; ``batch_delay=(p, r)`` sets both.
+  It is an attribute read at every check: ``math.inf`` holds jobs, ``0`` releases them.
+- Forcing ends: ``set_batch_outcome("EXPIRED" | "FAILED" | "CANCELLED" | "SUCCEEDED", contains=None,
+  times=None)`` (the default for all jobs, or a rule for jobs with a prompt containing the marker and/or
+  the next ``times`` jobs to finish); ``expire_batch(name)``, ``fail_batch(name)``,
+  ``finish_batch(name, state="SUCCEEDED")`` end a job now. Cancelling a finished job is a no-op (200).
+- Each request of a job runs through the same code as online generateContent when the job succeeds:
+  same validation (cache 403, conflicts), same deterministic answers (schema-valid JSON, enum, tool
+  call), usage with ``cachedContentTokenCount``, and the same fault rules (``endpoint="generateContent"``
+  rules hit batch requests too; ``"batch.generateContent"`` hits only them): an error status becomes that
+  request's ``error``, ``safety_block``/``invalid_json`` give a blocked / invalid response. Batch requests
+  skip the online rpm/tpm quota and latency.
+- Limits: ``batch_inline_limit_bytes`` (default 20 MiB; larger inline create bodies -> 400
+  INVALID_ARGUMENT "Request payload size exceeds the limit"), ``file_size_limit_bytes`` (default 2 GiB),
+  ``max_active_batches`` (default 100 pending/running jobs; more -> 429 RESOURCE_EXHAUSTED) and
+  ``batch_enqueued_token_limit`` (prompt tokens of unfinished jobs per model; default None -> 429).
+- Log and inspection: HTTP calls are logged with endpoints ``batches.create|get|list|cancel|delete`` and
+  ``files.create|upload|get|list|delete|download``; every executed job request is logged with endpoint
+  ``"batch.generateContent"``, its ``prompt_text``, ``cached_content``, ``usage``, ``batch`` and
+  ``batch_key`` (so :meth:`usage_totals` includes batch usage). Helpers: ``batch_creates``,
+  ``batch_requests(name)``, ``batches`` (name -> Operation), ``batch_state(name)``, ``files``,
+  ``file_bytes(name)``. :meth:`reset` drops jobs, files and outcome rules.
 """
 
 from __future__ import annotations
@@ -35,16 +72,30 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ._batches import (
+    DEFAULT_FILE_LIMIT_BYTES,
+    DEFAULT_INLINE_LIMIT_BYTES,
+    DEFAULT_MAX_ACTIVE_BATCHES,
+    BatchDelay,
+    BatchJob,
+    BatchRequest,
+    BatchStore,
+    StoredFile,
+    rpc_status,
+)
 from ._schema import fake_for_schema, key_of
 from ._wire import (
-    BAD_GATEWAY_HTML,
     CACHE_CONFLICT,
     CACHE_NOT_FOUND,
+    DEFAULT_MESSAGES,
     MALFORMED_BODY,
     UNREGISTERED_CALLER,
+    Reply,
     content_chars,
     error_body,
+    error_reply,
     invalid_api_key_body,
+    json_reply,
     parse_duration,
     parse_rfc3339,
     rate_limit_body,
@@ -66,7 +117,10 @@ _MODEL_ACTIONS = {"generateContent", "streamGenerateContent", "countTokens"}
 _PATH_RE = re.compile(r"^/(v1|v1beta|v1alpha)/(.*)$")
 _MODEL_RE = re.compile(r"^models/([^/:]+):([A-Za-z]+)$")
 _CACHE_RE = re.compile(r"^cachedContents/([^/:]+)$")
-_JSON_TYPE = "application/json; charset=UTF-8"
+_BATCH_RE = re.compile(r"^batches/([^/:]+)(?::([A-Za-z]+))?$")
+_FILE_RE = re.compile(r"^files/([^/:]+)(?::([A-Za-z]+))?$")
+_SIDE_PATH_RE = re.compile(r"^/(upload|download)/(v1|v1beta|v1alpha)/(.*)$")
+BATCH_REQUEST_ENDPOINT = "batch.generateContent"
 _DEFAULT_CACHE_TTL_S = 3600.0
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 _HIGH_RATINGS = [
@@ -92,9 +146,9 @@ class RecordedRequest:
     method: str
     path: str  # request target as sent, including any query string
     api_version: str
-    endpoint: (
-        str  # "generateContent" | "streamGenerateContent" | "countTokens" | "cachedContents.*" | "unknown"
-    )
+    # "generateContent" | "streamGenerateContent" | "countTokens" | "cachedContents.*" | "batches.*" |
+    # "files.*" | "batch.generateContent" (one request run inside a batch job) | "unknown"
+    endpoint: str
     model: str | None  # without the "models/" prefix
     body: dict[str, Any] | None
     prompt_text: str  # text parts of user contents joined with "\n"
@@ -105,28 +159,8 @@ class RecordedRequest:
     finished_at: float
     usage: dict[str, Any] | None  # usageMetadata returned
     api_key: str | None = field(default=None, repr=False)
-
-
-@dataclass
-class _Reply:
-    """What the handler thread writes back."""
-
-    status: int
-    body: bytes = b""
-    content_type: str = _JSON_TYPE
-    events: list[bytes] | None = None  # SSE events; body is ignored when set
-    drop: bool = False  # close the socket without answering
-    usage: dict[str, Any] | None = None
-
-
-def _json_reply(status: int, payload: Any, usage: dict[str, Any] | None = None) -> _Reply:
-    return _Reply(status, json.dumps(payload, ensure_ascii=False).encode(), usage=usage)
-
-
-def _error(code: int, message: str | None = None) -> _Reply:
-    if code == 502:
-        return _Reply(502, BAD_GATEWAY_HTML, content_type="text/html; charset=UTF-8")
-    return _json_reply(code, error_body(code, message))
+    batch: str | None = None  # "batches/ID" for a request executed inside a batch job
+    batch_key: str | None = None  # that request's file key or metadata["key"]
 
 
 @dataclass
@@ -147,6 +181,21 @@ class _Call:
     query: dict[str, list[str]]
     started_at: float
     fault: str | None = None
+    resource_id: str | None = None  # batch or file id from the path
+    headers: Message | None = None
+    raw: bytes = b""
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated GenerateContentRequest with its prompt token count (cache included)."""
+
+    model: str
+    body: dict[str, Any]
+    prompt_text: str
+    cache: dict[str, Any] | None
+    prompt_tokens: int
+    cached_tokens: int
 
 
 class _Admission:
@@ -355,6 +404,7 @@ class _Handler(BaseHTTPRequestHandler):
             "Server: scaffolding on HTTPServer2",
             "X-Content-Type-Options: nosniff",
         ]
+        head.extend(f"{k}: {v}" for k, v in (reply.headers or {}).items())
         if self.close_connection:
             head.append("Connection: close")
         header_bytes = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
@@ -390,6 +440,11 @@ class GeminiEmulator:
         models: set[str] | None = None,
         log_requests: bool = False,
         valid_api_keys: set[str] | None = None,
+        batch_delay: BatchDelay = 0.0,
+        batch_inline_limit_bytes: int = DEFAULT_INLINE_LIMIT_BYTES,
+        file_size_limit_bytes: int = DEFAULT_FILE_LIMIT_BYTES,
+        max_active_batches: int | None = DEFAULT_MAX_ACTIVE_BATCHES,
+        batch_enqueued_token_limit: int | None = None,
     ) -> None:
         self.host = host
         self.valid_api_keys = set(valid_api_keys) if valid_api_keys is not None else None
@@ -413,6 +468,12 @@ class GeminiEmulator:
         self._base_url: str | None = None
         self._response_seq = 0
         self._in_flight = 0
+        self._store = BatchStore(self._run_batch_request, seed=seed)
+        self.batch_delay = batch_delay
+        self.batch_inline_limit_bytes = batch_inline_limit_bytes
+        self.file_size_limit_bytes = file_size_limit_bytes
+        self.max_active_batches = max_active_batches
+        self.batch_enqueued_token_limit = batch_enqueued_token_limit
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -476,8 +537,9 @@ class GeminiEmulator:
             self._quota.configure(rpm, tpm, window)
 
     def reset(self) -> None:
-        """Clear the request log, fault rules, caches and quota counters."""
+        """Clear the request log, fault rules, caches, quota counters, batch jobs, files and outcomes."""
         self.faults.clear()
+        self._store.reset()
         with self._lock:
             self._log.clear()
             self._caches.clear()
@@ -541,11 +603,15 @@ class GeminiEmulator:
             best = max(best, hi - lo + 1)
         return best
 
-    def usage_totals(self) -> dict[str, int]:
-        """Sums of the usageMetadata actually returned: prompt, candidates, total, cached."""
+    def usage_totals(self, endpoint: str | None = None) -> dict[str, int]:
+        """Sums of the usageMetadata actually returned: prompt, candidates, total, cached.
+
+        Requests run inside batch jobs count too; ``endpoint`` narrows the sum, e.g. to
+        "batch.generateContent" (batch-priced tokens) or "generateContent" (online ones).
+        """
         totals = {"prompt": 0, "candidates": 0, "total": 0, "cached": 0}
         for r in self.requests:
-            if r.usage:
+            if r.usage and (endpoint is None or r.endpoint == endpoint):
                 totals["prompt"] += int(r.usage.get("promptTokenCount", 0))
                 totals["candidates"] += int(r.usage.get("candidatesTokenCount", 0))
                 totals["total"] += int(r.usage.get("totalTokenCount", 0))
@@ -574,9 +640,131 @@ class GeminiEmulator:
             self._caches.pop(name, None)
             self._cache_expiry.pop(name, None)
 
+    # -- batch jobs & files ------------------------------------------------------------------------
+
+    @property
+    def batch_delay(self) -> BatchDelay:
+        """Seconds a job stays PENDING, then RUNNING: ``d`` means (d, d); or a ``(pending_s, running_s)``.
+
+        Read at every state check, so it applies to existing jobs: ``math.inf`` holds them, 0 releases them.
+        """
+        return self._store.delay
+
+    @batch_delay.setter
+    def batch_delay(self, value: BatchDelay) -> None:
+        pairs = value if isinstance(value, tuple) else (value, value)
+        if len(pairs) != 2 or any(not float(v) >= 0 for v in pairs):
+            raise ValueError("batch_delay must be seconds >= 0 or a (pending_s, running_s) pair")
+        self._store.delay = value
+
+    @property
+    def batch_inline_limit_bytes(self) -> int:
+        """Largest inline batchGenerateContent body accepted; bigger ones get 400 INVALID_ARGUMENT."""
+        return self._store.inline_limit_bytes
+
+    @batch_inline_limit_bytes.setter
+    def batch_inline_limit_bytes(self, value: int) -> None:
+        self._store.inline_limit_bytes = int(value)
+
+    @property
+    def file_size_limit_bytes(self) -> int:
+        """Largest file the Files API accepts (2 GB like the real one); bigger uploads get 400."""
+        return self._store.file_limit_bytes
+
+    @file_size_limit_bytes.setter
+    def file_size_limit_bytes(self, value: int) -> None:
+        self._store.file_limit_bytes = int(value)
+
+    @property
+    def max_active_batches(self) -> int | None:
+        """Jobs that may be PENDING or RUNNING at once (100 like the real API); 429 beyond (None: no cap)."""
+        return self._store.max_active
+
+    @max_active_batches.setter
+    def max_active_batches(self, value: int | None) -> None:
+        self._store.max_active = None if value is None else int(value)
+
+    @property
+    def batch_enqueued_token_limit(self) -> int | None:
+        """Prompt tokens enqueued per model across unfinished jobs; 429 beyond it (None: no cap)."""
+        return self._store.enqueued_token_limit
+
+    @batch_enqueued_token_limit.setter
+    def batch_enqueued_token_limit(self, value: int | None) -> None:
+        self._store.enqueued_token_limit = None if value is None else int(value)
+
+    def set_batch_outcome(self, state: str, *, contains: str | None = None, times: int | None = None) -> None:
+        """How jobs end when their delay has passed (default SUCCEEDED).
+
+        ``state`` is "SUCCEEDED", "FAILED", "EXPIRED" or "CANCELLED" (a ``BATCH_STATE_*`` or ``JOB_STATE_*``
+        name works too). Without ``contains``/``times`` it sets the default for every job. Otherwise it adds
+        a rule, checked in order before the default: only jobs with a request whose prompt contains
+        ``contains`` (any job if None), for the next ``times`` such jobs (None = forever). E.g.
+        ``set_batch_outcome("EXPIRED", times=1)`` expires the next job to finish and no later one.
+        Only SUCCEEDED jobs run their requests and have an output.
+        """
+        self._store.set_outcome(state, contains, times)
+
+    def finish_batch(self, name: str, state: str = "SUCCEEDED") -> dict[str, Any]:
+        """End a job now, whatever its delay; returns its Operation. SUCCEEDED runs its requests."""
+        job = self._store.finish(name, state)
+        return job.operation()
+
+    def expire_batch(self, name: str) -> dict[str, Any]:
+        """End a job now as EXPIRED (as if it sat pending or running past 48 h): no output."""
+        return self.finish_batch(name, "EXPIRED")
+
+    def fail_batch(self, name: str) -> dict[str, Any]:
+        """End a job now as FAILED: no output."""
+        return self.finish_batch(name, "FAILED")
+
+    @property
+    def batches(self) -> dict[str, dict[str, Any]]:
+        """Every stored job: name -> its Operation as ``GET batches/ID`` returns it (states advanced)."""
+        with self._store._lock:
+            jobs = list(self._store.jobs.values())
+            for job in jobs:
+                self._store.advance(job)
+            return {job.name: job.operation() for job in jobs}
+
+    def batch_state(self, name: str) -> str:
+        """A job's ``BATCH_STATE_*`` now (advanced like a GET would)."""
+        key = name if name.startswith("batches/") else f"batches/{name}"
+        with self._store._lock:
+            job = self._store.jobs.get(key)
+            if job is None:
+                raise KeyError(f"no batch job named {name!r}")
+            self._store.advance(job)
+            return job.state
+
+    @property
+    def batch_creates(self) -> int:
+        """Jobs created successfully (``batches.create`` answered 200), deleted ones included."""
+        return self.count("batches.create", status=200)
+
+    def batch_requests(self, name: str | None = None) -> list[RecordedRequest]:
+        """Requests executed inside batch jobs (all, or one job's), in execution order."""
+        return [r for r in self.requests_for(BATCH_REQUEST_ENDPOINT) if name is None or r.batch == name]
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        """Stored files (uploaded and batch outputs): name -> File resource."""
+        with self._store._lock:
+            stored = list(self._store.files.values())
+        return {f.name: f.resource(self.base_url, "v1beta") for f in stored}
+
+    def file_bytes(self, name: str) -> bytes:
+        """The content of a stored file ("files/ID" or "ID")."""
+        key = name if name.startswith("files/") else f"files/{name}"
+        with self._store._lock:
+            stored: StoredFile | None = self._store.files.get(key)
+        if stored is None:
+            raise KeyError(f"no file named {name!r}")
+        return stored.data
+
     # -- request processing ------------------------------------------------------------------------
 
-    def _serve(self, method: str, target: str, headers: Message, raw: bytes) -> _Reply:
+    def _serve(self, method: str, target: str, headers: Message, raw: bytes) -> Reply:
         """Process one request end to end and log it before the reply is written."""
         call = self._parse(method, target, headers, raw)
         with self._lock:
@@ -585,7 +773,7 @@ class GeminiEmulator:
             reply = self._process(call)
         except Exception:
             logger.exception("gemini emulator: internal error for %s %s", method, call.endpoint)
-            reply = _error(500)
+            reply = error_reply(500)
         finished = time.monotonic()
         record = RecordedRequest(
             method=method,
@@ -623,11 +811,14 @@ class GeminiEmulator:
         query = parse_qs(split.query)
         match = _PATH_RE.match(split.path)
         api_version, rest = (match.group(1), unquote(match.group(2))) if match else ("", "")
-        endpoint, model, cache_id = "unknown", None, None
+        endpoint, model, cache_id, resource_id = "unknown", None, None, None
         if model_match := _MODEL_RE.match(rest):
             model = model_match.group(1)
-            if model_match.group(2) in _MODEL_ACTIONS and method == "POST":
-                endpoint = model_match.group(2)
+            action = model_match.group(2)
+            if action in _MODEL_ACTIONS and method == "POST":
+                endpoint = action
+            elif action == "batchGenerateContent" and method == "POST":
+                endpoint = "batches.create"
         elif rest == "cachedContents":
             endpoint = {"POST": "cachedContents.create", "GET": "cachedContents.list"}.get(method, "unknown")
         elif cache_match := _CACHE_RE.match(rest):
@@ -637,6 +828,49 @@ class GeminiEmulator:
                 "PATCH": "cachedContents.patch",
                 "DELETE": "cachedContents.delete",
             }.get(method, "unknown")
+        elif rest in ("batches", "files"):
+            endpoint = f"{rest}.list" if method == "GET" else "unknown"
+        elif batch_match := _BATCH_RE.match(rest):
+            resource_id, action = batch_match.group(1), batch_match.group(2)
+            endpoint = {
+                ("GET", None): "batches.get",
+                ("DELETE", None): "batches.delete",
+                ("POST", "cancel"): "batches.cancel",
+            }.get((method, action), "unknown")
+        elif file_match := _FILE_RE.match(rest):
+            resource_id, action = file_match.group(1), file_match.group(2)
+            endpoint = {
+                ("GET", None): "files.get",
+                ("DELETE", None): "files.delete",
+                ("GET", "download"): "files.download",
+            }.get((method, action), "unknown")
+        elif side_match := _SIDE_PATH_RE.match(split.path):
+            # /upload/{ver}/files (resumable start, then chunks on ?upload_id=) and /download/{ver}/files/ID
+            api_version, rest = side_match.group(2), unquote(side_match.group(3))
+            if side_match.group(1) == "upload" and rest == "files" and method == "POST":
+                endpoint = "files.upload" if query.get("upload_id") else "files.create"
+                resource_id = (query.get("upload_id") or [None])[0]
+            elif (dl_match := _FILE_RE.match(rest)) and dl_match.group(2) == "download" and method == "GET":
+                endpoint, resource_id = "files.download", dl_match.group(1)
+        if endpoint == "files.upload":  # chunk bytes are file content, not JSON
+            return _Call(
+                method=method,
+                target=target,
+                api_version=api_version,
+                endpoint=endpoint,
+                model=None,
+                cache_id=None,
+                body=None,
+                body_error=None,
+                prompt_text="",
+                cached_content=None,
+                api_key=headers.get("x-goog-api-key") or None,
+                query=query,
+                started_at=started,
+                resource_id=resource_id,
+                headers=headers,
+                raw=raw,
+            )
         body: dict[str, Any] | None = None
         body_error: str | None = None
         if raw.strip():
@@ -654,6 +888,12 @@ class GeminiEmulator:
             contents = body.get("contents")
             if contents is None and isinstance(body.get("generateContentRequest"), dict):
                 contents = body["generateContentRequest"].get("contents")
+            if endpoint == "batches.create":  # every inline request's prompt, so faults can target a job
+                contents = [
+                    content
+                    for item in _inline_items(body)
+                    for content in _as_list(item["request"].get("contents"))
+                ]
         cached = body.get("cachedContent") if body else None
         if model is None and endpoint == "cachedContents.create" and body:
             model = str(body.get("model") or "").removeprefix("models/") or None
@@ -672,21 +912,29 @@ class GeminiEmulator:
             api_key=key or None,
             query=query,
             started_at=started,
+            resource_id=resource_id,
+            headers=headers,
+            raw=raw,
         )
 
-    def _process(self, call: _Call) -> _Reply:
+    def _process(self, call: _Call) -> Reply:
         if call.endpoint == "unknown":
-            return _error(404, f"Method not found: {call.method} {urlsplit(call.target).path}")
-        if self.require_api_key and not call.api_key:
-            return _error(403, UNREGISTERED_CALLER)
-        if self.valid_api_keys is not None and call.api_key not in self.valid_api_keys:
-            return _json_reply(400, invalid_api_key_body())
+            return error_reply(404, f"Method not found: {call.method} {urlsplit(call.target).path}")
+        # A resumable upload's chunk requests are authorised by their upload_id, like the real service.
+        if call.endpoint != "files.upload":
+            if self.require_api_key and not call.api_key:
+                return error_reply(403, UNREGISTERED_CALLER)
+            if self.valid_api_keys is not None and call.api_key not in self.valid_api_keys:
+                return json_reply(400, invalid_api_key_body())
         if call.body_error:
-            return _error(400, call.body_error)
-        if call.endpoint in _MODEL_ACTIONS or call.endpoint == "cachedContents.create":
+            return error_reply(400, call.body_error)
+        if call.endpoint in _MODEL_ACTIONS or call.endpoint in ("cachedContents.create", "batches.create"):
             if not call.model or not self._model_known(call.model):
-                action = "createCachedContent" if call.endpoint == "cachedContents.create" else call.endpoint
-                return _error(
+                action = {
+                    "cachedContents.create": "createCachedContent",
+                    "batches.create": "batchGenerateContent",
+                }.get(call.endpoint, call.endpoint)
+                return error_reply(
                     404,
                     f"models/{call.model} is not found for API version {call.api_version}, or is not "
                     f"supported for {action}. Call ListModels to see the list of available models and "
@@ -702,7 +950,36 @@ class GeminiEmulator:
                 return early
         if call.endpoint == "countTokens":
             return self._count_tokens(call)
+        if call.endpoint.startswith(("batches.", "files.")):
+            return self._batch_or_file_endpoint(call)
         return self._cache_endpoint(call)
+
+    def _batch_or_file_endpoint(self, call: _Call) -> Reply:
+        store, rid = self._store, call.resource_id or ""
+        base, version = self.base_url, call.api_version
+        if call.endpoint == "batches.create":
+            return store.create(str(call.model), call.body, len(call.raw))
+        if call.endpoint == "batches.list":
+            return store.list(call.query)
+        if call.endpoint == "batches.get":
+            return store.get(f"batches/{rid}")
+        if call.endpoint == "batches.cancel":
+            return store.cancel(f"batches/{rid}")
+        if call.endpoint == "batches.delete":
+            return store.delete(f"batches/{rid}")
+        if call.endpoint == "files.create":
+            return store.start_upload(call.headers or Message(), call.body, base)
+        if call.endpoint == "files.upload":
+            return store.upload_chunk(rid, call.headers or Message(), call.raw, base, version)
+        if call.endpoint == "files.list":
+            return store.list_files(call.query, base, version)
+        if call.endpoint == "files.get":
+            return store.get_file(f"files/{rid}", base, version)
+        if call.endpoint == "files.delete":
+            return store.delete_file(f"files/{rid}")
+        if call.endpoint == "files.download":
+            return store.download(f"files/{rid}")
+        return error_reply(404, f"Method not found: {call.method} {urlsplit(call.target).path}")
 
     def _model_known(self, model: str) -> bool:
         return model.startswith("gemini-") or model in self.models
@@ -722,57 +999,67 @@ class GeminiEmulator:
             return not self._stop_evt.is_set()
         return not self._stop_evt.wait(seconds)
 
-    def _apply_transport_fault(self, call: _Call, fault: Fault) -> _Reply | None:
+    def _apply_transport_fault(self, call: _Call, fault: Fault) -> Reply | None:
         """Faults that replace the whole HTTP answer; None means "answer normally" (maybe later)."""
         if fault.kind == "rate_limit":
-            return _json_reply(
+            return json_reply(
                 429, rate_limit_body(fault.seconds, model=call.model, per_day=fault.per_day, limit=None)
             )
         if fault.kind == "status":
-            return _error(int(fault.code or 500), fault.message)
+            return error_reply(int(fault.code or 500), fault.message)
         if fault.kind == "echo_api_key":
-            return _json_reply(
+            return json_reply(
                 int(fault.code or 400),
                 error_body(int(fault.code or 400), f"{fault.message} (key={call.api_key})"),
             )
         if fault.kind in ("hang", "delay"):
-            return None if self._sleep(fault.seconds) else _Reply(0, drop=True)
+            return None if self._sleep(fault.seconds) else Reply(0, drop=True)
         if fault.kind == "connection_reset":
-            return _Reply(0, drop=True)
+            return Reply(0, drop=True)
         if fault.kind == "malformed_body":
-            return _Reply(200, MALFORMED_BODY, content_type="text/plain; charset=UTF-8")
+            return Reply(200, MALFORMED_BODY, content_type="text/plain; charset=UTF-8")
         return None
 
     # -- generate ----------------------------------------------------------------------------------
 
-    def _generate(self, call: _Call) -> _Reply:
-        body = call.body or {}
+    def _prepare(
+        self, model: str, body: dict[str, Any], prompt_text: str, cached_content: str | None
+    ) -> _Prepared | tuple[int, str]:
+        """Validate a GenerateContentRequest and count its prompt; (HTTP status, message) if invalid.
+
+        Shared by online generateContent and the requests inside batch jobs.
+        """
         contents = body.get("contents")
         if not contents:
-            return _error(400, "* GenerateContentRequest.contents: contents is not specified\n")
+            return 400, "* GenerateContentRequest.contents: contents is not specified\n"
         cache: dict[str, Any] | None = None
-        if call.cached_content:
+        if cached_content:
             with self._lock:
-                cache = self._live_cache(call.cached_content)
+                cache = self._live_cache(cached_content)
             if cache is None:
-                return _error(403, CACHE_NOT_FOUND)
+                return 403, CACHE_NOT_FOUND
             if any(body.get(k) for k in ("systemInstruction", "tools", "toolConfig")):
-                return _error(400, CACHE_CONFLICT)
-            if cache["model"] != f"models/{call.model}":
-                return _error(
+                return 400, CACHE_CONFLICT
+            if cache["model"] != f"models/{model}":
+                return (
                     400,
-                    f"Model used by GenerateContent request (models/{call.model}) and CachedContent "
+                    f"Model used by GenerateContent request (models/{model}) and CachedContent "
                     f"({cache['model']}) has to be the same.",
                 )
         cached_tokens = int(cache["usageMetadata"]["totalTokenCount"]) if cache else 0
         request_chars = content_chars(contents) + content_chars(body.get("systemInstruction"))
         prompt_tokens = tokens_for_chars(request_chars) + cached_tokens
+        return _Prepared(model, body, prompt_text, cache, prompt_tokens, cached_tokens)
 
+    def _generate(self, call: _Call) -> Reply:
+        prepared = self._prepare(str(call.model), call.body or {}, call.prompt_text, call.cached_content)
+        if isinstance(prepared, tuple):
+            return error_reply(*prepared)
         with self._lock:
-            admission, wait_s, kind, limit = self._quota.admit(time.monotonic(), prompt_tokens)
+            admission, wait_s, kind, limit = self._quota.admit(time.monotonic(), prepared.prompt_tokens)
         if admission is None:
             delay = max(1, math.ceil(wait_s))
-            return _json_reply(
+            return json_reply(
                 429, rate_limit_body(delay, model=call.model, tokens=kind == "tokens", limit=limit)
             )
         fault = self.faults.pick(call.endpoint, call.prompt_text)
@@ -780,35 +1067,82 @@ class GeminiEmulator:
         if fault is not None and fault.kind == "rate_limit":
             with self._lock:
                 self._quota.release(admission)
-            return self._apply_transport_fault(call, fault) or _error(429)
+            return self._apply_transport_fault(call, fault) or error_reply(429)
         if not self._sleep(self._latency_s()):
-            return _Reply(0, drop=True)
+            return Reply(0, drop=True)
         if fault is not None:
             early = self._apply_transport_fault(call, fault)
             if early is not None:
                 return early
 
-        payload, usage = self._generation_payload(call, body, cache, prompt_tokens, cached_tokens, fault)
+        payload, usage = self._generation_payload(prepared, fault)
         if call.endpoint == "streamGenerateContent":
-            return _Reply(200, events=self._sse_events(payload), usage=usage)
-        return _json_reply(200, payload, usage=usage)
+            return Reply(200, events=self._sse_events(payload), usage=usage)
+        return json_reply(200, payload, usage=usage)
+
+    def _run_batch_request(self, job: BatchJob, request: BatchRequest) -> dict[str, Any]:
+        """Answer one request of a batch job with the online generate logic; log it like a request.
+
+        Returns ``{"response": GenerateContentResponse}`` or ``{"error": google.rpc.Status}``. Fault rules
+        for "generateContent" (and "batch.generateContent") apply: an error status becomes the request's
+        ``error``, a safety block a blocked response, invalid JSON an invalid text; hangs and delays are
+        ignored (a batch has no client waiting); rate limits, resets and malformed bodies become errors.
+        Batch requests never count against the online rpm/tpm quota.
+        """
+        started = time.monotonic()
+        body = request.request or {}
+        cached = body.get("cachedContent")
+        cached_content = _cache_name(cached) if isinstance(cached, str) and cached else None
+        prompt_text = request.prompt_text
+        fault: Fault | None = None
+        usage: dict[str, Any] | None = None
+        entry: dict[str, Any]
+        prepared: _Prepared | tuple[int, str] = (400, request.error or "")
+        if request.error is None:
+            prepared = self._prepare(job.model, body, prompt_text, cached_content)
+        if isinstance(prepared, tuple):
+            status, entry = prepared[0], {"error": rpc_status(prepared[0], prepared[1])}
+        else:
+            fault = self.faults.pick((BATCH_REQUEST_ENDPOINT, "generateContent"), prompt_text)
+            failure = _batch_fault_status(fault, job.model)
+            if failure is not None:
+                status, entry = failure[0], {"error": rpc_status(*failure)}
+            else:
+                payload, usage = self._generation_payload(prepared, fault)
+                status, entry = 200, {"response": payload}
+        record = RecordedRequest(
+            method="BATCH",
+            path=job.name,
+            api_version="",
+            endpoint=BATCH_REQUEST_ENDPOINT,
+            model=job.model,
+            body=request.request,
+            prompt_text=prompt_text,
+            cached_content=cached_content,
+            status=status,
+            fault=fault.kind if fault else None,
+            started_at=started,
+            finished_at=time.monotonic(),
+            usage=usage,
+            batch=job.name,
+            batch_key=request.label,
+        )
+        with self._lock:
+            self._log.append(record)
+        return entry
 
     def _generation_payload(
-        self,
-        call: _Call,
-        body: dict[str, Any],
-        cache: dict[str, Any] | None,
-        prompt_tokens: int,
-        cached_tokens: int,
-        fault: Fault | None,
+        self, prepared: _Prepared, fault: Fault | None
     ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The GenerateContentResponse for a valid request (online and in batch jobs alike)."""
+        prompt_tokens, cached_tokens = prepared.prompt_tokens, prepared.cached_tokens
         with self._lock:
             self._response_seq += 1
             seq = self._response_seq
         response_id = hashlib.blake2b(
-            f"{self.seed}:{seq}:{call.prompt_text}".encode(), digest_size=12
+            f"{self.seed}:{seq}:{prepared.prompt_text}".encode(), digest_size=12
         ).hexdigest()
-        base: dict[str, Any] = {"modelVersion": call.model, "responseId": response_id}
+        base: dict[str, Any] = {"modelVersion": prepared.model, "responseId": response_id}
         kind = fault.kind if fault else None
         if kind == "safety_block":
             usage = _usage(prompt_tokens, 0, cached_tokens)
@@ -819,7 +1153,9 @@ class GeminiEmulator:
             candidate = {"finishReason": "SAFETY", "index": 0, "safetyRatings": _HIGH_RATINGS}
             return {"candidates": [candidate], "usageMetadata": usage, **base}, usage
 
-        parts, finish = self._answer(call, body, cache, invalid=kind == "invalid_json")
+        parts, finish = self._answer(
+            prepared.prompt_text, prepared.body, prepared.cache, invalid=kind == "invalid_json"
+        )
         out_chars = sum(len(p["text"]) if "text" in p else content_chars([{"parts": [p]}]) for p in parts)
         usage = _usage(prompt_tokens, tokens_for_chars(out_chars), cached_tokens)
         candidate = {
@@ -831,13 +1167,13 @@ class GeminiEmulator:
         return {"candidates": [candidate], "usageMetadata": usage, **base}, usage
 
     def _answer(
-        self, call: _Call, body: dict[str, Any], cache: dict[str, Any] | None, *, invalid: bool
+        self, prompt_text: str, body: dict[str, Any], cache: dict[str, Any] | None, *, invalid: bool
     ) -> tuple[list[dict[str, Any]], str]:
         """Deterministic answer parts (text, JSON text, enum or a function call) and the finish reason."""
         gen = key_of(body, "generationConfig") or {}
         tools = body.get("tools") or (cache or {}).get("tools") or []
         tool_config = key_of(body, "toolConfig") or (cache or {}).get("toolConfig") or {}
-        seed_text = call.prompt_text or json.dumps(body.get("contents"), sort_keys=True)
+        seed_text = prompt_text or json.dumps(body.get("contents"), sort_keys=True)
         rng = random.Random(hashlib.blake2b(f"{self.seed}\0{seed_text}".encode(), digest_size=8).digest())
 
         calling = key_of(tool_config, "functionCallingConfig") or {}
@@ -859,7 +1195,7 @@ class GeminiEmulator:
                 }
             return [{"functionCall": {"name": chosen.get("name", "tool"), "args": args}}], "STOP"
 
-        echo = "echo: " + call.prompt_text[:200]
+        echo = "echo: " + prompt_text[:200]
         mime = str(key_of(gen, "responseMimeType") or "")
         if mime == "application/json":
             schema = key_of(gen, "responseJsonSchema") or key_of(gen, "responseSchema")
@@ -904,7 +1240,7 @@ class GeminiEmulator:
             events.append(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\r\n\r\n")
         return events
 
-    def _count_tokens(self, call: _Call) -> _Reply:
+    def _count_tokens(self, call: _Call) -> Reply:
         body = call.body or {}
         request = (
             body.get("generateContentRequest")
@@ -916,7 +1252,7 @@ class GeminiEmulator:
         payload: dict[str, Any] = {"totalTokens": total}
         if total:
             payload["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": total}]
-        return _json_reply(200, payload)
+        return json_reply(200, payload)
 
     # -- caches ------------------------------------------------------------------------------------
 
@@ -929,7 +1265,7 @@ class GeminiEmulator:
             return None
         return record
 
-    def _cache_endpoint(self, call: _Call) -> _Reply:
+    def _cache_endpoint(self, call: _Call) -> Reply:
         if call.endpoint == "cachedContents.create":
             return self._cache_create(call)
         if call.endpoint == "cachedContents.list":
@@ -940,29 +1276,29 @@ class GeminiEmulator:
         with self._lock:
             record = self._live_cache(name)
             if record is None:
-                return _error(403, CACHE_NOT_FOUND)
+                return error_reply(403, CACHE_NOT_FOUND)
             if call.endpoint == "cachedContents.get":
-                return _json_reply(200, _cache_view(record))
+                return json_reply(200, _cache_view(record))
             if call.endpoint == "cachedContents.delete":
                 self._caches.pop(name, None)
                 self._cache_expiry.pop(name, None)
-                return _json_reply(200, {})
+                return json_reply(200, {})
             expiry = _expiry_from(body, now)
             if expiry is None:
-                return _error(400, "CachedContent update requires ttl or expire_time.")
+                return error_reply(400, "CachedContent update requires ttl or expire_time.")
             self._cache_expiry[name] = expiry
             record["expireTime"] = rfc3339(expiry)
             record["updateTime"] = rfc3339(now)
-            return _json_reply(200, _cache_view(record))
+            return json_reply(200, _cache_view(record))
 
-    def _cache_create(self, call: _Call) -> _Reply:
+    def _cache_create(self, call: _Call) -> Reply:
         body = call.body or {}
         chars = content_chars(body.get("contents")) + content_chars(body.get("systemInstruction"))
         if not chars:
-            return _error(400, "CachedContent must have at least one of contents or system_instruction.")
+            return error_reply(400, "CachedContent must have at least one of contents or system_instruction.")
         tokens = tokens_for_chars(chars)
         if tokens < self.min_cache_tokens:
-            return _error(
+            return error_reply(
                 400,
                 f"Cached content is too small. total_token_count={tokens}, "
                 f"min_total_token_count={self.min_cache_tokens}",
@@ -989,14 +1325,14 @@ class GeminiEmulator:
             }
             self._caches[name] = record
             self._cache_expiry[name] = expiry
-            return _json_reply(200, _cache_view(record))
+            return json_reply(200, _cache_view(record))
 
-    def _cache_list(self, call: _Call) -> _Reply:
+    def _cache_list(self, call: _Call) -> Reply:
         try:
             page_size = int((call.query.get("pageSize") or ["50"])[0])
             offset = int((call.query.get("pageToken") or ["0"])[0] or 0)
         except ValueError:
-            return _error(400, "Invalid page token or size.")
+            return error_reply(400, "Invalid page token or size.")
         page_size = min(max(page_size, 1), 1000)
         with self._lock:
             live = [_cache_view(r) for n, r in self._caches.items() if self._live_cache(n) is not None]
@@ -1006,7 +1342,38 @@ class GeminiEmulator:
             payload["cachedContents"] = page
         if offset + page_size < len(live):
             payload["nextPageToken"] = str(offset + page_size)
-        return _json_reply(200, payload)
+        return json_reply(200, payload)
+
+
+def _inline_items(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``{request, metadata}`` entries of an inline batchGenerateContent body (empty if malformed)."""
+    batch = body.get("batch")
+    config = key_of(batch, "inputConfig") if isinstance(batch, dict) else None
+    inline = config.get("requests") if isinstance(config, dict) else None
+    items = inline.get("requests") if isinstance(inline, dict) else None
+    if not isinstance(items, list):
+        return []
+    return [i for i in items if isinstance(i, dict) and isinstance(i.get("request"), dict)]
+
+
+def _as_list(contents: Any) -> list[Any]:
+    if isinstance(contents, list):
+        return contents
+    return [] if contents is None else [contents]
+
+
+def _batch_fault_status(fault: Fault | None, model: str) -> tuple[int, str] | None:
+    """The (HTTP status, message) a fault gives one request inside a batch; None = answer it."""
+    if fault is None:
+        return None
+    if fault.kind == "status":
+        code = int(fault.code or 500)
+        return code, fault.message or DEFAULT_MESSAGES.get(code, "Unknown error.")
+    if fault.kind == "rate_limit":
+        return 429, rate_limit_body(fault.seconds, model=model, per_day=fault.per_day)["error"]["message"]
+    if fault.kind in ("connection_reset", "malformed_body"):
+        return 500, DEFAULT_MESSAGES[500]
+    return None
 
 
 def _cache_name(name: str) -> str:

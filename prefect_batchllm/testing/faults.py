@@ -107,8 +107,8 @@ class FaultRule:
         """True once ``times`` faults have been applied."""
         return self.times is not None and self.hits >= self.times
 
-    def _matches(self, endpoint: str, prompt_text: str) -> bool:
-        if self.endpoint not in (ANY_ENDPOINT, endpoint):
+    def _matches(self, endpoints: tuple[str, ...], prompt_text: str) -> bool:
+        if self.endpoint != ANY_ENDPOINT and self.endpoint not in endpoints:
             return False
         return self.contains is None or self.contains in prompt_text
 
@@ -157,8 +157,10 @@ class FaultScript:
 
         ``contains`` is an exact substring of the request's prompt text; ``endpoint`` is an emulator
         endpoint name ("generateContent", "streamGenerateContent", "countTokens", "cachedContents.create",
-        ...) or "*" for all; ``times`` caps the faults applied (None = forever); ``rate`` is a seeded
-        probability per match; ``every`` faults every Nth match; ``after`` skips the first N matches.
+        "batches.create", "files.create", ...; "generateContent" also hits requests inside batch jobs,
+        "batch.generateContent" only those) or "*" for all; ``times`` caps the faults applied
+        (None = forever); ``rate`` is a seeded probability per match; ``every`` faults every Nth match;
+        ``after`` skips the first N matches.
         """
         if times is not None and times < 0:
             raise ValueError("times must be >= 0 or None")
@@ -191,10 +193,15 @@ class FaultScript:
         with self._lock:
             return list(self._rules)
 
-    def pick(self, endpoint: str, prompt_text: str) -> Fault | None:
-        """Return the fault to apply to this request, if any (used by the emulator)."""
+    def pick(self, endpoint: str | tuple[str, ...], prompt_text: str) -> Fault | None:
+        """Return the fault to apply to this request, if any (used by the emulator).
+
+        ``endpoint`` may be several names: a request inside a batch job is matched by rules for
+        "batch.generateContent" and for "generateContent", so online prompt markers hit it too.
+        """
+        endpoints = (endpoint,) if isinstance(endpoint, str) else tuple(endpoint)
         with self._lock:
             for rule in self._rules:
-                if rule._matches(endpoint, prompt_text) and rule._fires(prompt_text, self._seed):
+                if rule._matches(endpoints, prompt_text) and rule._fires(prompt_text, self._seed):
                     return rule.fault
         return None
