@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from prefect_batchllm._lazy import lazy_exports
 
+# Installs the builder behind LLMWorkItem's seed keywords (agent=, direct_call=) into core (cheap: it
+# imports only core; the strategies it builds are imported when first used).
+from prefect_batchllm.strategies import seed_keywords as _seed_keywords  # noqa: F401
+
 _EXPORTS: dict[str, str] = {
     # core
     "LLMWorkItem": "prefect_batchllm.core.items",
@@ -35,8 +39,8 @@ _EXPORTS: dict[str, str] = {
     "GeminiModel": "prefect_batchllm.models.gemini",
     "GeminiCachedModel": "prefect_batchllm.models.gemini",
     # strategies
-    "LLMCallStrategy": "prefect_batchllm.strategies.base",
-    "RetryState": "prefect_batchllm.strategies.base",
+    "LLMCallStrategy": "prefect_batchllm.core.strategy",
+    "RetryState": "prefect_batchllm.core.strategy",
     "GeminiStrategy": "prefect_batchllm.strategies.gemini",
     "PydanticAIStrategy": "prefect_batchllm.strategies.pydantic_ai",
     "DirectCallStrategy": "prefect_batchllm.strategies.direct",

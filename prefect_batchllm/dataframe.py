@@ -44,7 +44,7 @@ from pydantic import BaseModel, create_model
 
 from prefect_batchllm.core.config import ProcessorConfig
 from prefect_batchllm.core.items import BatchResult, LLMWorkItem, WorkItemResult
-from prefect_batchllm.strategies.base import LLMCallStrategy
+from prefect_batchllm.core.strategy import LLMCallStrategy
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem

@@ -53,3 +53,15 @@ def emulator():
 
     with GeminiEmulator() as emu:
         yield emu
+
+
+#: Fixtures that start a Prefect API server: the session harness here, and the module fixtures that run a
+#: real ``prefect server start`` through tests/_prefect_server.py. A test using any of them is marked
+#: ``prefect``, so ``pytest -m "not prefect"`` is a fast lane that starts no server.
+SERVER_FIXTURES = frozenset({"prefect_api", "api_url", "real_server"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.prefect)

@@ -11,13 +11,13 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from prefect_batchllm import BatchResult, LLMWorkItem, ProcessorConfig, RetryConfig, WorkItemResult, run_batch
+from prefect_batchllm.core.strategy import LLMCallStrategy, RetryState
 from prefect_batchllm.prefect.artifacts import (
     artifact_keys,
     failed_items_table,
     slugify_key,
     summary_markdown,
 )
-from prefect_batchllm.strategies.base import LLMCallStrategy, RetryState
 
 
 class Echo(LLMCallStrategy[str]):

@@ -421,7 +421,7 @@ def test_agent_strategies_are_shared_per_agent_and_not_leaked() -> None:
     from pydantic_ai import Agent
     from pydantic_ai.models.test import TestModel
 
-    from prefect_batchllm.core import items as items_module
+    from prefect_batchllm.strategies import seed_keywords as items_module
 
     agent = Agent(TestModel())
     a = LLMWorkItem("a", agent=agent, prompt="hi")

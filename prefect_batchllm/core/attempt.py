@@ -33,8 +33,8 @@ from prefect_batchllm.core.errors import (
     redact,
     token_usage_of,
 )
+from prefect_batchllm.core.strategy import LLMCallStrategy, RetryState
 from prefect_batchllm.core.tokens import TokenUsage, add_usage, normalize_usage
-from prefect_batchllm.strategies.base import LLMCallStrategy, RetryState
 
 logger = logging.getLogger("prefect_batchllm")
 

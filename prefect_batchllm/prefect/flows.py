@@ -48,6 +48,7 @@ from prefect_batchllm.core.events import (
     call_user_hook,
 )
 from prefect_batchllm.core.items import BatchResult, LLMWorkItem, WorkItemResult, check_unique_ids
+from prefect_batchllm.core.strategy import LLMCallStrategy
 from prefect_batchllm.core.tokens import normalize_usage
 from prefect_batchllm.prefect.artifacts import ProgressArtifact, slugify_key
 from prefect_batchllm.prefect.tasks import (
@@ -63,7 +64,6 @@ from prefect_batchllm.prefect.tasks import (
     safe_reason,
     summarize_batch,
 )
-from prefect_batchllm.strategies.base import LLMCallStrategy
 
 logger = logging.getLogger("prefect_batchllm")
 

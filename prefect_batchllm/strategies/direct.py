@@ -14,14 +14,9 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from prefect_batchllm.core.identity import callable_identity
+from prefect_batchllm.core.strategy import ExecuteResult, LLMCallStrategy, RetryState, TOutput
 from prefect_batchllm.core.tokens import TokenUsage, normalize_usage
-from prefect_batchllm.strategies.base import (
-    ExecuteResult,
-    LLMCallStrategy,
-    RetryState,
-    TOutput,
-    callable_identity,
-)
 
 __all__ = ["DirectCallStrategy"]
 

@@ -14,17 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 from prefect_batchllm.core.errors import attach_token_usage
+from prefect_batchllm.core.identity import callable_identity, schema_identity
 from prefect_batchllm.core.pricing import bare_model_name
+from prefect_batchllm.core.strategy import MOCK_USAGE, LLMCallStrategy, RetryState, TOutput
 from prefect_batchllm.core.tokens import TokenUsage
-from prefect_batchllm.strategies.base import (
-    MOCK_USAGE,
-    LLMCallStrategy,
-    RetryState,
-    TOutput,
-    callable_identity,
-    schema_identity,
-)
-from prefect_batchllm.strategies.gemini import mock_output
+from prefect_batchllm.strategies.dry_run import mock_output
 
 __all__ = ["AgentFactoryStrategy", "PydanticAIStrategy", "agent_model_name", "usage_from_run"]
 
