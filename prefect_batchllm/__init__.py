@@ -52,7 +52,7 @@ _EXPORTS: dict[str, str] = {
     "BatchItemsFailed": "prefect_batchllm.prefect.flows",
     "GeminiCredentials": "prefect_batchllm.prefect.blocks",
     "GeminiCachedModelBlock": "prefect_batchllm.prefect.blocks",
-    "ensure_rate_limits": "prefect_batchllm.prefect.limits",
+    "ensure_rate_limits": "prefect_batchllm.prefect.limit_admin",
     # data pipelines
     "enrich_dataframe": "prefect_batchllm.dataframe",
     "read_table": "prefect_batchllm.dataframe",

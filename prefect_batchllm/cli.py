@@ -84,7 +84,7 @@ def _describe(lim: Any) -> str:
 
 async def _limits(args: argparse.Namespace) -> int:
     from prefect_batchllm.core.config import RateLimitConfig
-    from prefect_batchllm.prefect.limits import (
+    from prefect_batchllm.prefect.limit_admin import (
         aensure_rate_limits,
         delete_rate_limits,
         limit_specs,
