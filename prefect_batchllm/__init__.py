@@ -48,15 +48,15 @@ _EXPORTS: dict[str, str] = {
     # prefect layer
     "run_batch": "prefect_batchllm.prefect.flows",
     "run_batch_prompts": "prefect_batchllm.prefect.flows",
-    "ParallelBatchProcessor": "prefect_batchllm.prefect.flows",
+    "ParallelBatchProcessor": "prefect_batchllm.prefect.processor",
     "BatchItemsFailed": "prefect_batchllm.prefect.flows",
     "GeminiCredentials": "prefect_batchllm.prefect.blocks",
     "GeminiCachedModelBlock": "prefect_batchllm.prefect.blocks",
     "ensure_rate_limits": "prefect_batchllm.prefect.limit_admin",
     # data pipelines
     "enrich_dataframe": "prefect_batchllm.dataframe",
-    "read_table": "prefect_batchllm.dataframe",
-    "write_table": "prefect_batchllm.dataframe",
+    "read_table": "prefect_batchllm.tables",
+    "write_table": "prefect_batchllm.tables",
 }
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

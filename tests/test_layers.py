@@ -47,3 +47,14 @@ def test_importing_core_loads_no_model_strategy_or_prefect_module() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['prefect_batchllm.strategies.seed_keywords']"
+
+
+def test_reading_and_writing_a_table_does_not_import_prefect(tmp_path: Path) -> None:
+    code = (
+        "import sys, pandas as pd; from prefect_batchllm import read_table, write_table; "
+        f"write_table(pd.DataFrame({{'a': [1, 2]}}), {str(tmp_path / 't.parquet')!r}); "
+        f"assert read_table({str(tmp_path / 't.parquet')!r})['a'].tolist() == [1, 2]; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect' or '.prefect' in m))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -11,7 +11,7 @@ from prefect_batchllm._lazy import lazy_exports
 _EXPORTS: dict[str, str] = {
     "run_batch": "prefect_batchllm.prefect.flows",
     "run_batch_prompts": "prefect_batchllm.prefect.flows",
-    "ParallelBatchProcessor": "prefect_batchllm.prefect.flows",
+    "ParallelBatchProcessor": "prefect_batchllm.prefect.processor",
     "BatchItemsFailed": "prefect_batchllm.prefect.flows",
     "BatchFlow": "prefect_batchllm.prefect.flows",
     "GeminiCredentials": "prefect_batchllm.prefect.blocks",
