@@ -16,7 +16,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m flows.demo
+	$(BIN)/prefect-batchllm demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check prefect_batchllm flows tests benchmarks
