@@ -21,6 +21,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check prefect_batchllm flows tests benchmarks
 	$(BIN)/ruff format --check prefect_batchllm flows tests benchmarks
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest

@@ -48,7 +48,8 @@ def read_table(path: str | os.PathLike[str], *, format: str | None = None, **kwa
             return pd.read_parquet(handle, **kwargs)
     kwargs.setdefault("sep", "\t" if fmt == "tsv" else ",")
     with fsspec.open(url, "rb", compression="infer") as handle:
-        return pd.read_csv(handle, **kwargs)
+        frame: pd.DataFrame = pd.read_csv(handle, **kwargs)
+        return frame
 
 
 def write_table(

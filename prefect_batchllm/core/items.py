@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, InitVar, dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic
+
+from typing_extensions import TypeVar
 
 from prefect_batchllm.core.pricing import ModelPrice, price_for
 from prefect_batchllm.core.strategy import LLMCallStrategy
@@ -13,13 +15,18 @@ from prefect_batchllm.core.tokens import TokenUsage, normalize_usage
 if TYPE_CHECKING:
     import pandas as pd
 
-TOutput = TypeVar("TOutput")
-TContext = TypeVar("TContext")
+# The seed's generics. Defaults (PEP 696) keep shorter subscriptions such as ``WorkItemResult[str]`` valid.
+TInput = TypeVar("TInput", default=Any)  # what the item was built from (its prompt / input data)
+TOutput = TypeVar("TOutput", default=Any)  # the parsed output
+TContext = TypeVar("TContext", default=Any)  # user context carried to the result
 
 
 @dataclass
-class LLMWorkItem(Generic[TOutput, TContext]):
+class LLMWorkItem(Generic[TInput, TOutput, TContext]):
     """One unit of work: an id, the strategy that knows how to call the LLM, its prompt and context.
+
+    ``LLMWorkItem[TInput, TOutput, TContext]`` as in the seed: ``TInput`` is what the item was built from
+    (annotation only), ``TOutput`` the strategy's output type, ``TContext`` the context's type.
 
     ``prompt`` is a string, or a list of content parts for multimodal strategies.
 
@@ -108,9 +115,7 @@ class WorkItemResult(Generic[TOutput, TContext]):
     output: TOutput | None = None
     error: str | None = None
     context: TContext | None = None
-    token_usage: TokenUsage = field(
-        default_factory=lambda: {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-    )
+    token_usage: TokenUsage = field(default_factory=lambda: normalize_usage(None))
     gemini_safety_ratings: dict[str, str] | None = None
     error_category: str | None = None
     attempts: int = 0
@@ -219,7 +224,7 @@ class BatchResult(Generic[TOutput, TContext]):
         return pd.DataFrame(rows, columns=list(rows[0]) if rows else None)
 
 
-def check_unique_ids(items: Sequence[LLMWorkItem[Any, Any]]) -> None:
+def check_unique_ids(items: Sequence[LLMWorkItem[Any, Any, Any]]) -> None:
     """Reject duplicate ``item_id``s before anything runs, naming them."""
     seen: set[str] = set()
     dupes: list[str] = []

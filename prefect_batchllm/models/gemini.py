@@ -299,7 +299,7 @@ def _candidate_text(candidate: Any) -> str:
 
 
 def _schema_requested(config: Mapping[str, Any] | None) -> bool:
-    return bool(config) and (
+    return config is not None and (
         config.get("response_schema") is not None or config.get("response_json_schema") is not None
     )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
 
 from prefect_batchllm.core.config import ProcessorConfig
 from prefect_batchllm.core.errors import ErrorClassifier
@@ -19,14 +19,10 @@ from prefect_batchllm.core.events import (
     ProcessorObserver,
     ProgressCallbackFunc,
 )
-from prefect_batchllm.core.items import BatchResult, LLMWorkItem
+from prefect_batchllm.core.items import BatchResult, LLMWorkItem, TContext, TInput, TOutput
 from prefect_batchllm.prefect.flows import BatchItemsFailed, run_batch
 
 __all__ = ["ParallelBatchProcessor"]
-
-TInput = TypeVar("TInput")
-TOutput = TypeVar("TOutput")
-TContext = TypeVar("TContext")
 
 
 class _StatsObserver:
@@ -95,7 +91,7 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
         self._started: float | None = None
         self._finished: float | None = None
 
-    async def add_work(self, work_item: LLMWorkItem[TInput, TOutput]) -> None:  # type: ignore[type-var]
+    async def add_work(self, work_item: LLMWorkItem[TInput, TOutput, TContext]) -> None:
         """Queue one item (rejects duplicates and additions after ``process_all`` started)."""
         if self._state != "open":
             raise RuntimeError("ParallelBatchProcessor: add_work after process_all(); create a new processor")

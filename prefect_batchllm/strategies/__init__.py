@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prefect_batchllm._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
@@ -14,5 +16,21 @@ _EXPORTS: dict[str, str] = {
     "AgentFactoryStrategy": "prefect_batchllm.strategies.pydantic_ai",
     "DirectCallStrategy": "prefect_batchllm.strategies.direct",
 }
+
+if TYPE_CHECKING:  # what editors and type checkers see; at run time each name loads on first use
+    # One import per module; `X as X` marks a re-export for strict type checkers.
+    # isort: off
+    from prefect_batchllm.core.strategy import LLMCallStrategy as LLMCallStrategy, RetryState as RetryState
+    from prefect_batchllm.strategies.direct import DirectCallStrategy as DirectCallStrategy
+    from prefect_batchllm.strategies.dry_run import mock_output as mock_output
+    from prefect_batchllm.strategies.gemini import (
+        GeminiStrategy as GeminiStrategy,
+        pydantic_json_parser as pydantic_json_parser,
+    )
+    from prefect_batchllm.strategies.pydantic_ai import (
+        AgentFactoryStrategy as AgentFactoryStrategy,
+        PydanticAIStrategy as PydanticAIStrategy,
+    )
+    # isort: on
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -80,7 +80,7 @@ class DirectCallStrategy(LLMCallStrategy[TOutput]):
             raise TypeError(
                 f"{_qualname(self.call)} returned token_usage of type {type(usage).__name__}, not a dict"
             )
-        normalized: TokenUsage = normalize_usage(dict(usage or {}))  # type: ignore[arg-type]
+        normalized: TokenUsage = normalize_usage(dict(usage or {}))
         if len(result) == 3:
             metadata = result[2]
             if metadata is not None and not isinstance(metadata, Mapping):

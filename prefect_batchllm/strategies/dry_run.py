@@ -31,7 +31,7 @@ class _FirstChoice(random.Random):
     def random(self) -> float:
         return 0.0
 
-    def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int:  # type: ignore[override]
+    def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int:
         return 0 if stop is None else start
 
     def getrandbits(self, k: int) -> int:
@@ -126,8 +126,8 @@ def _fallback_mock(output_type: Any, _depth: int = 0) -> Any:
         return _fallback_mock(args[0], _depth)
     if origin in (list, set, frozenset, tuple) or output_type in (list, set, frozenset, tuple):
         item = _fallback_mock(args[0], _depth + 1) if args and args[0] is not Ellipsis else None
-        values = [item] if args else []
-        return (origin or output_type)(values) if (origin or output_type) is not list else values
+        items = [item] if args else []
+        return (origin or output_type)(items) if (origin or output_type) is not list else items
     if origin is dict or output_type is dict:
         return {}
     if isinstance(output_type, type):

@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -64,7 +64,7 @@ def pydantic_json_parser(output_type: type[T] | Any) -> Callable[[LLMResponse], 
         if parsed is not None and isinstance(output_type, type) and isinstance(parsed, output_type):
             return parsed  # type: ignore[return-value]
         try:
-            return adapter.validate_json(_strip_fences(response.text or ""))
+            return cast(T, adapter.validate_json(_strip_fences(response.text or "")))
         except ValidationError as exc:
             raise InvalidOutputError(
                 f"answer does not match {getattr(output_type, '__name__', output_type)}: {_short_error(exc)}",
