@@ -1,4 +1,4 @@
-"""DESIGN.md's layer boundaries, checked from the code: ``core`` is the bottom and imports nothing above."""
+"""The layer rule (README, Layout), checked from the code: ``core`` is the bottom, imports nothing above."""
 
 from __future__ import annotations
 

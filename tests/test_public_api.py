@@ -79,3 +79,17 @@ def test_the_seed_generics_subscript_as_documented() -> None:
 
 def test_the_package_is_marked_typed() -> None:
     assert (PACKAGE / "py.typed").is_file()
+
+
+def test_seed_enable_detailed_logging_is_accepted_and_says_it_does_nothing() -> None:
+    import warnings
+
+    from prefect_batchllm import ProcessorConfig
+
+    with pytest.warns(DeprecationWarning, match="enable_detailed_logging has no effect") as caught:
+        config = ProcessorConfig(enable_detailed_logging=True)
+    assert config.enable_detailed_logging is True
+    assert caught[0].filename == __file__  # points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ProcessorConfig()

@@ -35,7 +35,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ._schema import fake_for_schema, key_of
+from prefect_batchllm.core.errors import parse_duration
+from prefect_batchllm.core.schema_fake import fake_for_schema, key_of
+
 from ._wire import (
     BAD_GATEWAY_HTML,
     CACHE_CONFLICT,
@@ -45,7 +47,6 @@ from ._wire import (
     content_chars,
     error_body,
     invalid_api_key_body,
-    parse_duration,
     parse_rfc3339,
     rate_limit_body,
     rfc3339,
