@@ -61,7 +61,16 @@ def emulator():
 SERVER_FIXTURES = frozenset({"prefect_api", "api_url", "real_server"})
 
 
+#: Per-test timeouts (pytest-timeout; they include fixture setup) beyond pyproject's 300 s default, for tests
+#: that share a server start of up to 180 s on a busy machine, or run flows in subprocesses of a real server.
+SERVER_TIMEOUTS = {"prefect_api": 600, "api_url": 900, "real_server": 900}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.prefect)
+        used = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if not used:
+            continue
+        item.add_marker(pytest.mark.prefect)
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(max(SERVER_TIMEOUTS[name] for name in used)))
