@@ -1,4 +1,4 @@
-"""`make demo` / `prefect-batchllm demo`: catalogue 250 classic books with Gemini as one observable flow run.
+"""`prefect-batchllm demo` (`make demo`): catalogue 250 classic books with Gemini as one observable flow run.
 
 Every book is one Prefect task run. All of them share one Gemini context cache (the cataloguing guide in
 ``demo_data/cataloguing_guide.md`` plus a system instruction), created once by the flow and kept for the
@@ -14,16 +14,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
-
-if __name__ == "__main__":
-    from prefect_batchllm.cli import quiet_environment
-
-    quiet_environment(verbose="-v" in sys.argv)  # before Prefect is imported
 
 from prefect import flow
 from pydantic import BaseModel, Field, SecretStr
@@ -201,7 +195,3 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(demo_flow(limit=limit))
     print_report(result, time.perf_counter() - started)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
