@@ -1,4 +1,4 @@
-"""Call strategies: the contract and the Gemini, pydantic-ai and direct-call implementations (lazy)."""
+"""Call strategies: Gemini, pydantic-ai and direct-call implementations of the core contract (lazy)."""
 
 from __future__ import annotations
 
