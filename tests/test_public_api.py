@@ -93,3 +93,23 @@ def test_seed_enable_detailed_logging_is_accepted_and_says_it_does_nothing() -> 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ProcessorConfig()
+
+
+def test_the_installed_cli_runs_the_packaged_demo_not_the_checkout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``prefect-batchllm demo`` works from any directory: the demo and its data ship in the package."""
+    import os
+    import sys
+
+    from prefect_batchllm import cli, demo
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the CLI's quiet settings must not leak
+    calls: list[list[str]] = []
+    monkeypatch.setattr(demo, "main", lambda argv: calls.append(list(argv)) or 0)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != PACKAGE.parent])
+    monkeypatch.delitem(sys.modules, "flows", raising=False)
+    assert cli.main(["demo", "7"]) == 0 and calls == [["7"]]
+    assert "flows" not in sys.modules
+    assert len(demo.load_books(3)) == 3 and (demo.DATA / "cataloguing_guide.md").is_file()
