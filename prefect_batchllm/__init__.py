@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "DefaultErrorClassifier": "prefect_batchllm.core.errors",
     "InvalidOutputError": "prefect_batchllm.core.errors",
     "BlockedResponseError": "prefect_batchllm.core.errors",
+    "FingerprintError": "prefect_batchllm.core.identity",
     "ProcessingEvent": "prefect_batchllm.core.events",
     "ProcessorObserver": "prefect_batchllm.core.events",
     "Middleware": "prefect_batchllm.core.events",
@@ -85,6 +86,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time each name l
         ProcessingEvent as ProcessingEvent,
         ProcessorObserver as ProcessorObserver,
     )
+    from prefect_batchllm.core.identity import FingerprintError as FingerprintError
     from prefect_batchllm.core.items import (
         BatchResult as BatchResult,
         LLMWorkItem as LLMWorkItem,
