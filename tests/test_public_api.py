@@ -64,11 +64,12 @@ def test_what_users_catch_or_use_is_exported() -> None:
 
 
 def test_the_seed_generics_subscript_as_documented() -> None:
-    from prefect_batchllm import BatchResult, LLMWorkItem, Middleware, WorkItemResult
+    from prefect_batchllm import BatchResult, LLMWorkItem, Middleware, ParallelBatchProcessor, WorkItemResult
 
     assert LLMWorkItem[str, int, dict[str, Any]].__origin__ is LLMWorkItem  # type: ignore[attr-defined]
     assert Middleware[str, int, None].__origin__ is Middleware  # type: ignore[attr-defined]
     assert WorkItemResult[int, None] is not None and BatchResult[int, None] is not None
+    assert ParallelBatchProcessor[str, int, None].__origin__ is ParallelBatchProcessor  # type: ignore[attr-defined]
 
     class Upper(Middleware[str, str, None]):
         async def after_process(self, result: Any) -> Any:
