@@ -135,7 +135,9 @@ async def demo_flow(
             cached_contents=[(DATA / "cataloguing_guide.md").read_text(encoding="utf-8")],
             cache_tags={"app": "batchllm-demo"},
         )
-        strategy = GeminiStrategy(block.get_model(), response_parser=None, response_schema=CatalogueCard)
+        strategy: GeminiStrategy[CatalogueCard] = GeminiStrategy(
+            block.get_model(), response_parser=None, response_schema=CatalogueCard
+        )
         items = [
             LLMWorkItem(book["book_id"], strategy, book_prompt(book), context=book)
             for book in load_books(limit)
@@ -147,7 +149,8 @@ async def demo_flow(
             rate_limit=RateLimitConfig(requests_per_minute=requests_per_minute, limit_prefix="batchllm-demo"),
             artifact_key="batchllm-demo",
         )
-        return await run_batch(items, config)
+        result: BatchResult = await run_batch(items, config)
+        return result
 
 
 def print_report(result: BatchResult, seconds: float) -> None:
@@ -175,9 +178,8 @@ def print_report(result: BatchResult, seconds: float) -> None:
     if result.failed:
         print("\nfailed items")
         for item in result.failed_items():
-            print(
-                f"  {item.item_id:<6} {item.error_category:<15} attempts={item.attempts}  {item.error[:70]}"
-            )
+            error = (item.error or "")[:70]
+            print(f"  {item.item_id:<6} {item.error_category:<15} attempts={item.attempts}  {error}")
     print("\nArtifacts (Prefect UI > Artifacts, or the CLI):")
     for key in ("batchllm-demo-summary", "batchllm-demo-failed-items", "batchllm-demo-progress"):
         print(f"  prefect artifact inspect {key}")

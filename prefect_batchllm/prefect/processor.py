@@ -116,7 +116,7 @@ class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
         self._state = "running"
         self._started = time.monotonic()
         try:
-            result = await run_batch(
+            result: BatchResult[TOutput, TContext] = await run_batch(
                 self._items,
                 self.config,
                 self.post_processor,
@@ -176,7 +176,7 @@ def _merge_legacy_config(
     """Fold the seed's deprecated keyword arguments into a ProcessorConfig; conflicts are errors."""
     if config is not None and not isinstance(config, ProcessorConfig):
         raise TypeError(f"config must be a ProcessorConfig, got {type(config).__name__}")
-    legacy = {"max_workers": max_workers, "timeout_per_item": timeout_per_item}
+    legacy: dict[str, Any] = {"max_workers": max_workers, "timeout_per_item": timeout_per_item}
     if config is None:
         base = ProcessorConfig(**{k: v for k, v in legacy.items() if v is not None})
     else:
