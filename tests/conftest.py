@@ -55,22 +55,34 @@ def emulator():
         yield emu
 
 
-#: Fixtures that start a Prefect API server: the session harness here, and the module fixtures that run a
-#: real ``prefect server start`` through tests/_prefect_server.py. A test using any of them is marked
-#: ``prefect``, so ``pytest -m "not prefect"`` is a fast lane that starts no server.
-SERVER_FIXTURES = frozenset({"prefect_api", "api_url", "real_server"})
+#: What starts a Prefect API server, and the per-test timeout (pytest-timeout; it includes fixture setup)
+#: a test using it gets instead of pyproject's 300 s: the session harness (its start takes up to 180 s on a
+#: busy machine) and a real ``prefect server start`` through tests/_prefect_server.py (flows in subprocesses).
+SERVER_STARTERS = {"prefect_test_harness": 600, "prefect_server": 900}
 
 
-#: Per-test timeouts (pytest-timeout; they include fixture setup) beyond pyproject's 300 s default, for tests
-#: that share a server start of up to 180 s on a busy machine, or run flows in subprocesses of a real server.
-SERVER_TIMEOUTS = {"prefect_api": 600, "api_url": 900, "real_server": 900}
+def _server_timeout(item: pytest.Item) -> int | None:
+    """The largest timeout among the server starters that the test or any fixture it uses calls."""
+    functions = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in info.name2fixturedefs.values() if info is not None else ():
+        functions.extend(d.func for d in defs)
+    names: set[str] = set()
+    for fn in functions:
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            names.update(code.co_names)
+    found = [SERVER_STARTERS[name] for name in names.intersection(SERVER_STARTERS)]
+    return max(found) if found else None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that starts a Prefect server ``prefect`` (so ``pytest -m "not prefect"`` is a fast
+    lane that starts none) and give it a timeout that fits a server start."""
     for item in items:
-        used = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
-        if not used:
+        timeout = _server_timeout(item)
+        if timeout is None:
             continue
         item.add_marker(pytest.mark.prefect)
         if item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(max(SERVER_TIMEOUTS[name] for name in used)))
+            item.add_marker(pytest.mark.timeout(timeout))
