@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench soak emulator ui-check clean
+.PHONY: install demo test test-oldest test-matrix lint bench soak emulator ui-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,15 +15,33 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# A second environment on the oldest supported Prefect (constraints/prefect-oldest.txt); `make test` runs on
+# the newest 3.x the index serves. Both ends of `prefect>=3.8.8,<4` are tested.
+OLDEST := .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.installed
+
+$(OLDEST_STAMP): pyproject.toml constraints/prefect-oldest.txt
+	$(PY) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST)/bin/python -m pip install -q -c constraints/prefect-oldest.txt -e '.[dev]'
+	@touch $(OLDEST_STAMP)
+
 demo: $(STAMP)
-	$(BIN)/python -m flows.demo
+	$(BIN)/prefect-batchllm demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check prefect_batchllm flows tests benchmarks
 	$(BIN)/ruff format --check prefect_batchllm flows tests benchmarks
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST)/bin/python -c "import prefect; assert prefect.__version__ == '3.8.8', prefect.__version__"
+	$(OLDEST)/bin/python -m pytest
+
+test-matrix: test test-oldest
 
 # The Prefect UI checked in headless Chromium (installs Debian's chromium when missing) against a real
 # `prefect server start` running the demo; refreshes the README's screenshots in docs/.
@@ -41,4 +59,4 @@ emulator: $(STAMP)
 	$(BIN)/prefect-batchllm emulator
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) .pytest_cache .ruff_cache .mypy_cache

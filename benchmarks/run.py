@@ -124,33 +124,38 @@ def _config(case: Case, prefix: str) -> Any:
 
 
 async def _drive_limiter(case: Case, items: int, emulator: Any, task_runs: bool = True) -> tuple[int, Any]:
-    """One task run per item (or plain coroutines), admitted by the GlobalRateLimiter."""
+    """One task run per item (or plain coroutines), each attempt run by ``core.attempt.run_attempt`` and
+    admitted by the GlobalRateLimiter (no run_batch flow around it)."""
     from prefect import flow, task
 
-    from prefect_batchllm.core.errors import retry_after_of, status_code_of
+    from prefect_batchllm.core.attempt import ItemLedger, run_attempt
+    from prefect_batchllm.core.config import ProcessorConfig
+    from prefect_batchllm.core.errors import DefaultErrorClassifier
+    from prefect_batchllm.core.strategy import LLMCallStrategy
+    from prefect_batchllm.models.gemini import usage_from_response
     from prefect_batchllm.prefect.limits import GlobalRateLimiter
 
     limiter = GlobalRateLimiter(_config(case, f"bench-{uuid.uuid4().hex[:8]}"))
     client = emulator.client()
+    config = ProcessorConfig(max_workers=case.workers, rate_limit=limiter.config)
+    classifier = DefaultErrorClassifier()
+
+    class Call(LLMCallStrategy[str]):
+        def estimate_tokens(self, prompt: Any) -> int:
+            return case.prompt_tokens()
+
+        async def execute(self, prompt: Any, attempt: int, timeout: float, state: Any = None) -> Any:
+            response = await client.aio.models.generate_content(model=MODEL, contents=prompt)
+            return response.text or "", usage_from_response(response)
+
+    strategy = Call()
 
     async def call(i: int) -> bool:
-        prompt = _prompt(case, i)
-        while True:
-            permit = await limiter.admit(case.prompt_tokens())
-            try:
-                response = await client.aio.models.generate_content(model=MODEL, contents=prompt)
-                permit.reconcile(response.usage_metadata.prompt_token_count)
-            except Exception as exc:
-                permit.reconcile(None)
-                if status_code_of(exc) != 429:
-                    raise
-                await permit.release()  # idempotent; free the slot before pausing
-                await limiter.report_rate_limit(retry_after_of(exc))
-                continue
-            finally:
-                await permit.release()
-            await limiter.report_success()
-            return True
+        ledger = ItemLedger(f"i{i}")
+        await run_attempt(
+            strategy, _prompt(case, i), 1, ledger, config=config, admission=limiter, classifier=classifier
+        )
+        return True
 
     item = task(name="bench-item", persist_result=False, cache_policy=None)(call) if task_runs else call
 

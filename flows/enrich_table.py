@@ -35,8 +35,9 @@ from prefect_batchllm import ProcessorConfig, RateLimitConfig, RetryConfig
 from prefect_batchllm.core.items import BatchResult
 from prefect_batchllm.core.templates import PromptTemplate
 from prefect_batchllm.core.templates import load_prompt_template as load_template_file
-from prefect_batchllm.dataframe import enrich_frame, output_model, read_table, row_ids, write_table
+from prefect_batchllm.dataframe import enrich_frame, output_model, row_ids
 from prefect_batchllm.prefect.artifacts import slugify_key
+from prefect_batchllm.tables import read_table, write_table
 
 __all__ = [
     "RowsFailed",

@@ -37,10 +37,9 @@ from prefect_batchllm.dataframe import (
     merge_rows,
     output_columns,
     output_model,
-    read_table,
     row_ids,
-    write_table,
 )
+from prefect_batchllm.tables import read_table, write_table
 
 __all__ = ["failed_rows_of", "origin_parameters", "rerun_failed"]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--api-version", default="v1beta", help="API version path (default v1beta)")
 
-    demo = commands.add_parser("demo", help="run the demo flow (flows/demo.py)")
+    demo = commands.add_parser("demo", help="run the demo flow (prefect_batchllm/demo.py)")
     demo.add_argument("args", nargs=argparse.REMAINDER, help="forwarded to the demo")
     return parser
 
@@ -104,7 +105,7 @@ def _describe(lim: Any) -> str:
 
 async def _limits(args: argparse.Namespace) -> int:
     from prefect_batchllm.core.config import RateLimitConfig
-    from prefect_batchllm.prefect.limits import (
+    from prefect_batchllm.prefect.limit_admin import (
         aensure_rate_limits,
         delete_rate_limits,
         limit_specs,
@@ -203,6 +204,20 @@ async def _batches(args: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_environment(verbose: bool) -> None:
+    """Quiet demo runs (call before Prefect is imported): no telemetry, no per-task INFO lines."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    # Prefect's default (20 s) is too short for the ephemeral API to start on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # The ephemeral API (a subprocess) logs harmless CancelledError / connection-pool tracebacks when it
+        # stops with the process; its loggers and the root logger (sqlalchemy) are silenced for the demo.
+        os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+        os.environ.setdefault("PREFECT_LOGGING_ROOT_LEVEL", "CRITICAL")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
     args = build_parser().parse_args(list(argv) if argv is not None else None)
@@ -211,12 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(emulator_main(args.args) or 0)
     if args.command == "demo":
-        try:
-            from flows.demo import main as demo_main
-        except ImportError as exc:
-            print(f"demo: cannot import flows.demo ({exc}); run from the project checkout", file=sys.stderr)
-            return 1
-        return int(demo_main(args.args) or 0)
+        quiet_environment(verbose="-v" in args.args)
+        from prefect_batchllm import demo
+
+        return int(demo.main(args.args) or 0)
     if args.command == "batches":
         from prefect_batchllm.core.errors import describe_error
 

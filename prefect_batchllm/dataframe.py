@@ -1,4 +1,4 @@
-"""Tables in, tables out: ``enrich_dataframe`` (a Prefect flow) and atomic Parquet / CSV readers and writers.
+"""Frames in, frames out: ``enrich_dataframe`` (a Prefect flow). Table files: :mod:`prefect_batchllm.tables`.
 
 Row ``i`` of the returned frame is row ``i`` of the input (same index, same order), with these columns
 added: ``output`` (or one column per field of a pydantic output type), ``success``, ``error``,
@@ -30,25 +30,22 @@ import inspect
 import os
 import string
 import types as _pytypes
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
-import fsspec
 import pandas as pd
-from prefect import Flow
 from prefect.utilities.asyncutils import run_coro_as_sync
-from prefect.utilities.callables import get_call_parameters
 from pydantic import BaseModel, create_model
 
 from prefect_batchllm.core.config import ProcessorConfig
 from prefect_batchllm.core.items import BatchResult, LLMWorkItem, WorkItemResult
+from prefect_batchllm.core.strategy import LLMCallStrategy
 from prefect_batchllm.core.templates import PromptTemplate, TemplateRef, load_prompt_template
-from prefect_batchllm.strategies.base import LLMCallStrategy
+from prefect_batchllm.prefect.flow_base import BatchLLMFlow
 
 if TYPE_CHECKING:
-    from fsspec import AbstractFileSystem
+    pass
 
 __all__ = [
     "INVALID_INPUT",
@@ -59,10 +56,8 @@ __all__ = [
     "merge_rows",
     "output_columns",
     "output_model",
-    "read_table",
     "row_ids",
     "template_fields",
-    "write_table",
 ]
 
 #: Columns added after the output column(s), in this order.
@@ -95,111 +90,6 @@ class EnrichmentFailed(Exception):
         counts = self.frame.loc[~self.frame["success"], "error_category"].value_counts()
         categories = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
         return f"{failed}/{len(self.frame)} rows failed ({categories})"
-
-
-# --------------------------------------------------------------------------------------------------
-# Files
-
-
-def _format_of(path: str, format: str | None) -> str:
-    if format is not None:
-        fmt = format.lower()
-    else:
-        name = path.split("?", 1)[0].lower()
-        for suffix in (".gz", ".bz2", ".zst", ".xz", ".zip"):
-            name = name.removesuffix(suffix)
-        fmt = name.rsplit(".", 1)[-1] if "." in name.rsplit("/", 1)[-1] else ""
-    if fmt in ("parquet", "pq"):
-        return "parquet"
-    if fmt in ("csv", "tsv"):
-        return fmt
-    raise ValueError(f"cannot tell the table format of {path!r}: use a .parquet or .csv path or pass format=")
-
-
-def read_table(path: str | os.PathLike[str], *, format: str | None = None, **kwargs: Any) -> pd.DataFrame:
-    """Read a Parquet or CSV table from a local path or any fsspec URL (``s3://``, ``gs://``, ``memory://``).
-
-    The format comes from the extension (``.parquet``/``.pq``, ``.csv``, ``.tsv``, optionally compressed)
-    unless ``format`` is given; ``kwargs`` go to ``pandas.read_parquet`` / ``read_csv``.
-    """
-    import pyarrow as pa
-
-    url = os.fspath(path)
-    fmt = _format_of(url, format)
-    try:
-        if fmt == "parquet":
-            with fsspec.open(url, "rb") as handle:
-                return pd.read_parquet(handle, **kwargs)
-        kwargs.setdefault("sep", "\t" if fmt == "tsv" else ",")
-        with fsspec.open(url, "rb", compression="infer") as handle:
-            return pd.read_csv(handle, **kwargs)
-    except (pa.ArrowException, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        # pyarrow names an in-memory '<Buffer>', not the file: say which file is unreadable.
-        raise ValueError(
-            f"cannot read {fmt.upper()} table {url!r}: {type(exc).__name__}: {exc} "
-            "(is the file empty, truncated or not really that format?)"
-        ) from exc
-
-
-def write_table(
-    df: pd.DataFrame,
-    path: str | os.PathLike[str],
-    *,
-    format: str | None = None,
-    index: bool | None = None,
-    **kwargs: Any,
-) -> None:
-    """Write ``df`` as Parquet or CSV, atomically: readers see the old file or the complete new one.
-
-    The table is written to a hidden temp sibling and then renamed over ``path`` (``os.replace`` after an
-    fsync locally; the filesystem's ``mv`` for other fsspec URLs, which object stores make atomic per
-    object). A crash mid-write leaves at most a stray ``.<name>.tmp-*`` file, never a torn table.
-    ``index=None`` keeps a non-default index in Parquet and drops the default ``RangeIndex`` in CSV.
-    """
-    url = os.fspath(path)
-    fmt = _format_of(url, format)
-    fs, target = fsspec.core.url_to_fs(url)
-    parent, _, name = target.rpartition("/")
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    temp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex}" if parent else f".{name}.tmp-{uuid.uuid4().hex}"
-    local = _is_local(fs)
-    try:
-        with fs.open(temp, "wb") as handle:
-            if fmt == "parquet":
-                df.to_parquet(handle, index=index, **kwargs)
-            else:
-                csv_index = index if index is not None else not isinstance(df.index, pd.RangeIndex)
-                kwargs.setdefault("sep", "\t" if fmt == "tsv" else ",")
-                df.to_csv(handle, index=csv_index, **kwargs)
-            if local:
-                handle.flush()
-                os.fsync(handle.fileno())
-        if local:
-            os.replace(temp, target)
-            _fsync_dir(parent or ".")
-        else:
-            fs.mv(temp, target)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            if fs.exists(temp):
-                fs.rm(temp)
-        raise
-
-
-def _is_local(fs: AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -719,15 +609,15 @@ def _describe(value: Any) -> Any:
     return value
 
 
-class _FrameFlow(Flow):  # type: ignore[type-arg]
+class _FrameFlow(BatchLLMFlow):
     """A flow whose stored parameters describe the DataFrame and objects instead of serialising them."""
 
-    def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
-        return super().serialize_parameters({k: _describe(v) for k, v in parameters.items()})
+    def summarize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        return {k: _describe(v) for k, v in parameters.items()}
 
-    def __call__(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
+    def check_call(self, parameters: dict[str, Any]) -> dict[str, Any]:
         # Fail on a bad template, id or column clash before a flow run is even created.
-        params = get_call_parameters(self.fn, args, kwargs)
+        params = parameters
         template, _, _, output_type = _normalize(
             params.get("df"),
             params.get("prompt_template"),
@@ -739,12 +629,7 @@ class _FrameFlow(Flow):  # type: ignore[type-arg]
         if output_type is None and isinstance(strategy, LLMCallStrategy):
             output_type = _model_type(getattr(strategy, "response_schema", None))
         _check_table(params["df"], template, params.get("id_column"), output_type)
-        return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
-
-    def with_options(self, *args: Any, **kwargs: Any) -> _FrameFlow:
-        new = super().with_options(*args, **kwargs)
-        new.__class__ = type(self)
-        return new  # type: ignore[return-value]
+        return params
 
 
 def _enrich_dataframe(

@@ -53,3 +53,36 @@ def emulator():
 
     with GeminiEmulator() as emu:
         yield emu
+
+
+#: What starts a Prefect API server, and the per-test timeout (pytest-timeout; it includes fixture setup)
+#: a test using it gets instead of pyproject's 300 s: the session harness (its start takes up to 180 s on a
+#: busy machine) and a real ``prefect server start`` through tests/_prefect_server.py (flows in subprocesses).
+SERVER_STARTERS = {"prefect_test_harness": 600, "prefect_server": 900}
+
+
+def _server_timeout(item: pytest.Item) -> int | None:
+    """The largest timeout among the server starters that the test or any fixture it uses calls."""
+    functions = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in info.name2fixturedefs.values() if info is not None else ():
+        functions.extend(d.func for d in defs)
+    names: set[str] = set()
+    for fn in functions:
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            names.update(code.co_names)
+    found = [SERVER_STARTERS[name] for name in names.intersection(SERVER_STARTERS)]
+    return max(found) if found else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that starts a Prefect server ``prefect`` (so ``pytest -m "not prefect"`` is a fast
+    lane that starts none) and give it a timeout that fits a server start."""
+    for item in items:
+        timeout = _server_timeout(item)
+        if timeout is None:
+            continue
+        item.add_marker(pytest.mark.prefect)
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(timeout))

@@ -11,6 +11,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from prefect_batchllm import BatchResult, LLMWorkItem, ProcessorConfig, RetryConfig, WorkItemResult, run_batch
+from prefect_batchllm.core.strategy import LLMCallStrategy, RetryState
 from prefect_batchllm.prefect.artifacts import (
     MAX_MESSAGE_CHARS,
     artifact_keys,
@@ -19,7 +20,6 @@ from prefect_batchllm.prefect.artifacts import (
     summary_markdown,
     task_run_link,
 )
-from prefect_batchllm.strategies.base import LLMCallStrategy, RetryState
 
 
 class Echo(LLMCallStrategy[str]):

@@ -11,7 +11,7 @@ import pytest
 from prefect_batchllm.core.attempt import AttemptFailed, ItemLedger, run_attempt
 from prefect_batchllm.core.config import ProcessorConfig, RateLimitConfig, RetryConfig
 from prefect_batchllm.core.errors import DefaultErrorClassifier, ErrorCategory, InvalidOutputError
-from prefect_batchllm.strategies.base import LLMCallStrategy, RetryState
+from prefect_batchllm.core.strategy import LLMCallStrategy, RetryState
 
 
 class RecordingPermit:

@@ -470,8 +470,8 @@ def test_enrich_table_on_a_schedule_submits_once_then_collects(
     from pydantic import SecretStr
 
     from flows.enrich_table import RowsFailed, enrich_table
-    from prefect_batchllm.dataframe import read_table, write_table
     from prefect_batchllm.prefect.blocks import GeminiCachedModelBlock, GeminiCredentials
+    from prefect_batchllm.tables import read_table, write_table
 
     emu = emulator
     emu.batch_delay = (0.0, math.inf)

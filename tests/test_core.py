@@ -317,9 +317,9 @@ async def test_user_hook_failure_message_is_redacted() -> None:
 
 def test_parse_duration_is_public_and_rejects_bool() -> None:
     from prefect_batchllm.core.errors import parse_duration
-    from prefect_batchllm.testing import _wire
+    from prefect_batchllm.testing import emulator
 
-    assert _wire.parse_duration is parse_duration  # one parser for client and emulator
+    assert emulator.parse_duration is parse_duration  # one parser for client and emulator
     assert parse_duration("2s") == 2.0 and parse_duration("1.5s") == 1.5 and parse_duration(3) == 3.0
     assert parse_duration(True) is None and parse_duration(False) is None
     assert parse_duration("-5s") is None and parse_duration("soon") is None
@@ -423,7 +423,7 @@ def test_agent_strategies_are_shared_per_agent_and_not_leaked() -> None:
     from pydantic_ai import Agent
     from pydantic_ai.models.test import TestModel
 
-    from prefect_batchllm.core import items as items_module
+    from prefect_batchllm.strategies import seed_keywords as items_module
 
     agent = Agent(TestModel())
     a = LLMWorkItem("a", agent=agent, prompt="hi")
@@ -455,7 +455,7 @@ def test_item_task_gets_refresh_expiration_and_storage_options() -> None:
 
 
 def test_provider_layer_imports_nothing_from_prefect() -> None:
-    """DESIGN.md's boundary: core/, models/, strategies/ and testing/ are usable without Prefect."""
+    """The layer rule (README, Layout): core, models, strategies and testing are usable without Prefect."""
     import subprocess
     import sys
 

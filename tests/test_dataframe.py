@@ -28,13 +28,12 @@ from prefect_batchllm.dataframe import (
     enrich_dataframe,
     merge_rows,
     output_model,
-    read_table,
     row_ids,
     template_fields,
-    write_table,
 )
 from prefect_batchllm.models.gemini import GeminiModel
 from prefect_batchllm.strategies.gemini import GeminiStrategy
+from prefect_batchllm.tables import read_table, write_table
 from prefect_batchllm.testing import Fault, GeminiEmulator
 
 

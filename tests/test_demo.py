@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prefect.client.orchestration import get_client
 
-from flows.demo import CatalogueCard, demo_flow, load_books
+from prefect_batchllm.demo import CatalogueCard, demo_flow, load_books
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

@@ -716,12 +716,12 @@ def test_emulator_tokenizer_matches_the_client_side_estimate():
         assert tokens_for_chars(n) == estimate_tokens("x" * n), n
 
 
-def test_schema_faker_lives_in_core_and_is_re_exported():
+def test_schema_faker_lives_in_core_and_the_emulator_uses_it():
     from prefect_batchllm.core import schema_fake
-    from prefect_batchllm.testing import _schema
+    from prefect_batchllm.testing import emulator as emulator_module
 
-    assert _schema.fake_for_schema is schema_fake.fake_for_schema
-    assert _schema.SchemaFaker is schema_fake.SchemaFaker and _schema.key_of is schema_fake.key_of
+    assert emulator_module.fake_for_schema is schema_fake.fake_for_schema
+    assert emulator_module.key_of is schema_fake.key_of
     source = open(schema_fake.__file__, encoding="utf-8").read()
     assert "import pydantic" not in source and "from pydantic" not in source  # stdlib only
 

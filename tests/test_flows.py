@@ -30,9 +30,10 @@ from prefect_batchllm import (
     run_batch_prompts,
 )
 from prefect_batchllm.core.events import Middleware, ProcessingEvent
+from prefect_batchllm.core.strategy import LLMCallStrategy, RetryState
 from prefect_batchllm.models.gemini import GeminiModel
-from prefect_batchllm.prefect.flows import BatchItemsFailed, ParallelBatchProcessor
-from prefect_batchllm.strategies.base import LLMCallStrategy, RetryState
+from prefect_batchllm.prefect.flows import BatchItemsFailed
+from prefect_batchllm.prefect.processor import ParallelBatchProcessor
 from prefect_batchllm.strategies.gemini import GeminiStrategy
 from prefect_batchllm.testing import Fault
 

@@ -55,42 +55,41 @@ def _genai_client(base_url: str) -> Any:
 async def drive(
     limiter: Any, client: Any, prompts: list[str], *, workers: int, together: bool = False
 ) -> list[str]:
-    """What the executor does per attempt: admit, call, reconcile, release; a 429 pauses and retries.
+    """What the executor does per attempt (``core.attempt.run_attempt``: admit, call, reconcile, release; a
+    429 pauses every worker and the attempt is repeated), with ``workers`` items in flight.
 
     ``together``: every worker's first call waits until all workers are admitted, so the first wave of
     requests reaches the provider at once (a burst of concurrent 429s).
     """
-    from prefect_batchllm.core.errors import retry_after_of, status_code_of
-    from prefect_batchllm.core.tokens import estimate_tokens
+    from prefect_batchllm.core.attempt import ItemLedger, run_attempt
+    from prefect_batchllm.core.errors import DefaultErrorClassifier
+    from prefect_batchllm.core.strategy import LLMCallStrategy
+    from prefect_batchllm.models.gemini import usage_from_response
 
-    queue = list(enumerate(prompts))
-    out: list[str] = [""] * len(prompts)
     barrier = asyncio.Barrier(workers) if together else None
 
+    class Call(LLMCallStrategy[str]):
+        async def execute(self, prompt: Any, attempt: int, timeout: float, state: Any = None) -> Any:
+            nonlocal barrier
+            if barrier is not None:  # admitted: wait for the whole first wave
+                await barrier.wait()
+                barrier = None
+            response = await client.aio.models.generate_content(model=MODEL, contents=prompt)
+            return response.text or "", usage_from_response(response)
+
+    strategy, classifier = Call(), DefaultErrorClassifier()
+    config = ProcessorConfig(max_workers=workers, rate_limit=limiter.config)
+    queue = list(enumerate(prompts))
+    out: list[str] = [""] * len(prompts)
+
     async def worker() -> None:
-        nonlocal barrier
         while queue:
             index, prompt = queue.pop(0)
-            while True:
-                permit = await limiter.admit(estimate_tokens(prompt))
-                if barrier is not None:
-                    await barrier.wait()
-                    barrier = None
-                try:
-                    response = await client.aio.models.generate_content(model=MODEL, contents=prompt)
-                    permit.reconcile(response.usage_metadata.prompt_token_count)
-                except Exception as exc:
-                    permit.reconcile(None)
-                    if status_code_of(exc) != 429:
-                        raise
-                    await permit.release()
-                    await limiter.report_rate_limit(retry_after_of(exc))
-                    continue
-                finally:
-                    await permit.release()
-                await limiter.report_success()
-                out[index] = response.text or ""
-                break
+            ledger = ItemLedger(f"p{index}")
+            done = await run_attempt(
+                strategy, prompt, 1, ledger, config=config, admission=limiter, classifier=classifier
+            )
+            out[index] = done.output
 
     await asyncio.gather(*(worker() for _ in range(workers)))
     return out

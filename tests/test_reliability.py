@@ -382,7 +382,7 @@ async def test_echoed_key_appears_nowhere(
     [("empty.parquet", b""), ("corrupt.parquet", b"PAR1 not really parquet PAR1"), ("empty.csv", b"")],
 )
 def test_unreadable_table_names_the_file(tmp_path: Any, name: str, content: bytes) -> None:
-    from prefect_batchllm.dataframe import read_table
+    from prefect_batchllm.tables import read_table
 
     path = tmp_path / name
     path.write_bytes(content)

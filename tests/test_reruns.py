@@ -33,7 +33,8 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.states import Scheduled
 from pydantic import SecretStr
 
-from prefect_batchllm.dataframe import output_model, read_table, row_ids, template_fields, write_table
+from prefect_batchllm.dataframe import output_model, row_ids, template_fields
+from prefect_batchllm.tables import read_table, write_table
 from prefect_batchllm.testing import Fault, GeminiEmulator
 
 pytestmark = pytest.mark.prefect

@@ -17,6 +17,7 @@ from pydantic_ai.providers.google import GoogleProvider
 from typing_extensions import TypedDict
 
 from prefect_batchllm.core.errors import InvalidOutputError, token_usage_of
+from prefect_batchllm.core.strategy import MOCK_USAGE
 from prefect_batchllm.models import GeminiCachedModel, GeminiModel, LLMResponse
 from prefect_batchllm.strategies import (
     AgentFactoryStrategy,
@@ -28,7 +29,6 @@ from prefect_batchllm.strategies import (
     mock_output,
     pydantic_json_parser,
 )
-from prefect_batchllm.strategies.base import MOCK_USAGE
 from prefect_batchllm.strategies.gemini import CORRECTION_STATE_KEY
 from prefect_batchllm.testing import Fault
 
@@ -541,9 +541,9 @@ async def test_direct_call_runs_sync_callables_off_the_loop():
 
 
 def test_schema_identity_is_shared():
+    from prefect_batchllm.core.identity import schema_identity
     from prefect_batchllm.strategies import gemini as gemini_strategies
     from prefect_batchllm.strategies import pydantic_ai as pai_strategies
-    from prefect_batchllm.strategies.base import schema_identity
 
     assert not hasattr(gemini_strategies, "_schema_identity") and not hasattr(pai_strategies, "_type_name")
     assert schema_identity(Point) != schema_identity(Row)
@@ -558,7 +558,7 @@ def test_callable_identity_sees_code_closures_and_defaults() -> None:
     import subprocess
     import sys
 
-    from prefect_batchllm.strategies.base import callable_identity
+    from prefect_batchllm.core.identity import callable_identity
 
     a, b = (lambda r: r.text), (lambda r: r.text.upper())
     assert callable_identity(a) != callable_identity(b)  # both are "<lambda>"
@@ -583,7 +583,7 @@ def test_callable_identity_sees_code_closures_and_defaults() -> None:
     )
     # Stable across processes (hash randomisation included).
     code = (
-        "from prefect_batchllm.strategies.base import callable_identity\n"
+        "from prefect_batchllm.core.identity import callable_identity\n"
         "S = {'x', 'y', 'z'}\n"
         "f = lambda r: r in S and {'k': frozenset({'a', 'b'})}\n"
         "print(callable_identity(f))\n"
@@ -602,7 +602,7 @@ def test_gemini_fingerprint_changes_with_the_lambda_parser(emulator) -> None:
 
 
 def test_default_fingerprint_hashes_public_constructor_state() -> None:
-    from prefect_batchllm.strategies.base import LLMCallStrategy
+    from prefect_batchllm.core.strategy import LLMCallStrategy
 
     class Opts(BaseModel):
         temperature: float = 0.0

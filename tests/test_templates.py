@@ -21,9 +21,9 @@ from prefect_batchllm.core.templates import (
     load_prompt_templates,
     parse_prompt_template,
 )
-from prefect_batchllm.dataframe import write_table
 from prefect_batchllm.prefect.tasks import item_cache_key
 from prefect_batchllm.strategies.direct import DirectCallStrategy
+from prefect_batchllm.tables import write_table
 from prefect_batchllm.testing import GeminiEmulator
 
 BODY = "[{book_id}] Catalogue {title} ({year}): genre and a one-line summary."

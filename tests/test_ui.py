@@ -1,6 +1,6 @@
 """The Prefect UI as a person sees it, checked in a real browser (`make ui-check`; CI runs it too).
 
-Starts ``prefect server start`` with its UI, runs the `make demo` flow (``python -m flows.demo``, bundled
+Starts ``prefect server start`` with its UI, runs the `make demo` flow (``prefect-batchllm demo``, bundled
 Gemini-compatible server, injected faults) against it in its own process, then drives headless Chromium
 (Debian's ``chromium``, installed by ``scripts/ensure-chromium.sh`` when missing) through the batch's flow
 run page, its task runs, a failed item's task run and each artifact (summary, failed items, progress).
@@ -181,7 +181,7 @@ def test_a_person_finds_every_number_in_the_prefect_ui(tmp_path: Path) -> None:
         env = prefect_env(api_url, home=tmp_path / "prefect-home")  # fresh: no replayed results
         env.pop("CI", None)  # stdout is a pipe here anyway: the terminal bar must stay away by itself
         demo = subprocess.run(
-            [sys.executable, "-m", "flows.demo", str(BOOKS)],
+            [sys.executable, "-m", "prefect_batchllm.cli", "demo", str(BOOKS)],
             cwd=ROOT,
             env=env,
             capture_output=True,

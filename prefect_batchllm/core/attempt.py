@@ -36,8 +36,8 @@ from prefect_batchllm.core.errors import (
 )
 from prefect_batchllm.core.model_limits import input_token_limit
 from prefect_batchllm.core.stop import BatchStop, BatchStopped
+from prefect_batchllm.core.strategy import LLMCallStrategy, RetryState
 from prefect_batchllm.core.tokens import TokenUsage, add_usage, normalize_usage
-from prefect_batchllm.strategies.base import LLMCallStrategy, RetryState
 
 logger = logging.getLogger("prefect_batchllm")
 

@@ -7,6 +7,7 @@ import functools
 import math
 import numbers
 import re
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
@@ -269,7 +270,7 @@ class ProcessorConfig:
     max_requests_per_minute: float | None = None
     progress_interval: int = 10
     progress_callback_timeout: float | None = 5.0
-    enable_detailed_logging: bool = False
+    enable_detailed_logging: bool = False  # seed compatibility: accepted, no effect, warns
     max_queue_size: int = 0
     dry_run: bool = False
     # -- prefect-batchllm additions -------------------------------------------------------------------
@@ -300,6 +301,14 @@ class ProcessorConfig:
     batch_followup: str | None = None  # re-run failed items "online", as a new "batch" job, or not (None)
 
     def __post_init__(self) -> None:
+        if self.enable_detailed_logging:
+            # As in async-batch-llm 0.28, where this flag is a deprecated no-op: accept it, say so.
+            warnings.warn(
+                "ProcessorConfig.enable_detailed_logging has no effect: every attempt is already in the "
+                "Prefect run logs, task runs and artifacts; drop the argument",
+                DeprecationWarning,
+                stacklevel=4,  # the caller of ProcessorConfig(...): past __init__ and its positional wrapper
+            )
         _check_number(
             "ProcessorConfig", "max_requests_per_minute", self.max_requests_per_minute, optional=True
         )

@@ -153,7 +153,7 @@ def attach_token_usage(exc: BaseException, usage: TokenUsage | None) -> BaseExce
 
 def token_usage_of(exc: BaseException) -> TokenUsage | None:
     """Tokens billed for the attempt that raised ``exc`` (ours, or pydantic-ai's usage), if known."""
-    usage = getattr(exc, "token_usage", None)
+    usage: TokenUsage | None = getattr(exc, "token_usage", None)
     if usage:
         return usage
     cause = exc.__cause__

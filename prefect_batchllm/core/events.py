@@ -11,9 +11,10 @@ import logging
 from abc import ABC
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, runtime_checkable
 
 from prefect_batchllm.core.errors import describe_error
+from prefect_batchllm.core.items import TContext, TInput, TOutput
 
 if TYPE_CHECKING:
     from prefect_batchllm.core.items import LLMWorkItem, WorkItemResult
@@ -48,23 +49,29 @@ class ProcessorObserver(Protocol):
     async def on_event(self, event: ProcessingEvent, data: dict[str, Any]) -> None: ...
 
 
-class Middleware(ABC):  # noqa: B024 - every hook is optional
+class Middleware(ABC, Generic[TInput, TOutput, TContext]):
     """Onion around each item: ``before_process`` in order, ``after_process`` in reverse order.
+
+    ``Middleware[TInput, TOutput, TContext]`` as in the seed (the item's generics; all default to ``Any``).
 
     ``before_process`` may return a modified item (same ``item_id``) or ``None`` to skip the item (it is
     then recorded as failed with category ``skipped``). ``after_process`` runs on successes;
     ``on_error`` runs on terminal failures and may return a recovered result.
     """
 
-    async def before_process(self, item: LLMWorkItem[Any, Any]) -> LLMWorkItem[Any, Any] | None:
+    async def before_process(
+        self, item: LLMWorkItem[TInput, TOutput, TContext]
+    ) -> LLMWorkItem[TInput, TOutput, TContext] | None:
         return item
 
-    async def after_process(self, result: WorkItemResult[Any, Any]) -> WorkItemResult[Any, Any]:
+    async def after_process(
+        self, result: WorkItemResult[TOutput, TContext]
+    ) -> WorkItemResult[TOutput, TContext]:
         return result
 
     async def on_error(
-        self, item: LLMWorkItem[Any, Any], error: Exception
-    ) -> WorkItemResult[Any, Any] | None:
+        self, item: LLMWorkItem[TInput, TOutput, TContext], error: Exception
+    ) -> WorkItemResult[TOutput, TContext] | None:
         return None
 
 

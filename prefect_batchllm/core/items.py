@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
-import inspect
-import threading
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, InitVar, dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic
+
+from typing_extensions import TypeVar
 
 from prefect_batchllm.core.pricing import ModelPrice, price_for
+from prefect_batchllm.core.strategy import LLMCallStrategy
 from prefect_batchllm.core.templates import PromptTemplate, TemplateRef
 from prefect_batchllm.core.tokens import TokenUsage, normalize_usage
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from prefect_batchllm.strategies.base import LLMCallStrategy
-
-TOutput = TypeVar("TOutput")
-TContext = TypeVar("TContext")
+# The seed's generics. Defaults (PEP 696) keep shorter subscriptions such as ``WorkItemResult[str]`` valid.
+TInput = TypeVar("TInput", default=Any)  # what the item was built from (its prompt / input data)
+TOutput = TypeVar("TOutput", default=Any)  # the parsed output
+TContext = TypeVar("TContext", default=Any)  # user context carried to the result
 
 
 @dataclass
-class LLMWorkItem(Generic[TOutput, TContext]):
+class LLMWorkItem(Generic[TInput, TOutput, TContext]):
     """One unit of work: an id, the strategy that knows how to call the LLM, its prompt and context.
+
+    ``LLMWorkItem[TInput, TOutput, TContext]`` as in the seed: ``TInput`` is what the item was built from
+    (annotation only), ``TOutput`` the strategy's output type, ``TContext`` the context's type.
 
     ``prompt`` is a string, or a list of content parts for multimodal strategies. ``template`` (keyword)
     names the versioned prompt template the prompt was made from (a ``TemplateRef`` or ``PromptTemplate``):
@@ -63,8 +66,6 @@ class LLMWorkItem(Generic[TOutput, TContext]):
 
     def validate(self) -> None:
         """Check every field; raise a ValueError/TypeError naming the field and the fix."""
-        from prefect_batchllm.strategies.base import LLMCallStrategy
-
         if not isinstance(self.item_id, str) or not self.item_id.strip():
             raise ValueError(f"LLMWorkItem.item_id must be a non-empty string, got {self.item_id!r}")
         if self.strategy is None:
@@ -92,48 +93,25 @@ class LLMWorkItem(Generic[TOutput, TContext]):
             )
 
 
-# One strategy per live agent object (agents are not hashable: keyed by id). Weak values: an entry lives
-# exactly as long as some item still holds its strategy, and the strategy holds the agent, so the id cannot
-# be reused by another object while the entry exists. Nothing accumulates across batches.
-_AGENT_STRATEGIES: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
-_AGENT_LOCK = threading.Lock()
+#: Builds the strategy behind the seed's ``agent=`` / ``agent_factory=`` / ``direct_call=`` keywords:
+#: ``factory(agent, agent_factory, direct_call, input_data)``. The strategies it builds live above ``core``,
+#: so :mod:`prefect_batchllm.strategies.seed_keywords` installs it (the package imports that module first).
+SeedKeywordFactory = Callable[[Any, Any, Any, Any], "LLMCallStrategy[Any]"]
+_seed_keyword_factory: SeedKeywordFactory | None = None
 
 
-def _legacy_strategy(agent: Any, agent_factory: Any, direct_call: Any, input_data: Any) -> Any:
-    """The strategy behind the original batch-llm keywords (one per agent, so it is prepared once).
+def register_seed_keywords(factory: SeedKeywordFactory) -> None:
+    """Install the builder of seed-keyword strategies (called once, by ``strategies.seed_keywords``)."""
+    global _seed_keyword_factory
+    _seed_keyword_factory = factory
 
-    A ``direct_call`` strategy's identity covers the callable (:func:`callable_identity`: code, defaults,
-    closure values) *and* a hash of ``input_data``, which lives only in the wrapper's closure: the item's
-    prompt defaults to its id, so without it a changed ``input_data`` would replay the old answer.
-    """
-    from prefect_batchllm.strategies.base import callable_identity, value_identity
-    from prefect_batchllm.strategies.direct import DirectCallStrategy, is_coroutine_callable
-    from prefect_batchllm.strategies.pydantic_ai import AgentFactoryStrategy, PydanticAIStrategy
 
-    if agent is not None:
-        with _AGENT_LOCK:
-            strategy = _AGENT_STRATEGIES.get(id(agent))
-            if strategy is None or strategy.agent is not agent:
-                strategy = _AGENT_STRATEGIES[id(agent)] = PydanticAIStrategy(agent)
-            return strategy
-    if agent_factory is not None:
-        return AgentFactoryStrategy(agent_factory)
-    if not callable(direct_call):
-        raise TypeError(f"direct_call must be callable, got {type(direct_call).__name__}")
-    takes_input = len(inspect.signature(direct_call).parameters) >= 3
-
-    def forward(prompt: Any, attempt: int, timeout: float) -> Any:
-        """The seed's signature: ``direct_call([input_data,] attempt, timeout)``; the prompt is not passed."""
-        return direct_call(input_data, attempt, timeout) if takes_input else direct_call(attempt, timeout)
-
-    async def forward_async(prompt: Any, attempt: int, timeout: float) -> Any:
-        return await forward(prompt, attempt, timeout)
-
-    # Keep the callable's kind, so DirectCallStrategy runs a sync one in a thread (off the loop, under the
-    # framework's timeout) and awaits an async one on the loop.
-    call = forward_async if is_coroutine_callable(direct_call) else forward
-    identity = f"{callable_identity(direct_call)}|input_data={value_identity(input_data)}"
-    return DirectCallStrategy(call, identity=identity)
+def _legacy_strategy(
+    agent: Any, agent_factory: Any, direct_call: Any, input_data: Any
+) -> LLMCallStrategy[Any]:
+    if _seed_keyword_factory is None:  # only if the package's __init__ was bypassed
+        raise RuntimeError("seed keywords need prefect_batchllm.strategies.seed_keywords to be imported")
+    return _seed_keyword_factory(agent, agent_factory, direct_call, input_data)
 
 
 @dataclass
@@ -148,9 +126,7 @@ class WorkItemResult(Generic[TOutput, TContext]):
     output: TOutput | None = None
     error: str | None = None
     context: TContext | None = None
-    token_usage: TokenUsage = field(
-        default_factory=lambda: {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-    )
+    token_usage: TokenUsage = field(default_factory=lambda: normalize_usage(None))
     gemini_safety_ratings: dict[str, str] | None = None
     error_category: str | None = None
     attempts: int = 0
@@ -274,7 +250,7 @@ class BatchResult(Generic[TOutput, TContext]):
         return pd.DataFrame(rows, columns=list(rows[0]) if rows else None)
 
 
-def check_unique_ids(items: Sequence[LLMWorkItem[Any, Any]]) -> None:
+def check_unique_ids(items: Sequence[LLMWorkItem[Any, Any, Any]]) -> None:
     """Reject duplicate ``item_id``s before anything runs, naming them."""
     seen: set[str] = set()
     dupes: list[str] = []

@@ -270,6 +270,7 @@ class SchemaFaker:
             lo = hi - 4 if hi is not None else 0
         elif hi is None:
             hi = lo + 4
+        assert lo is not None and hi is not None  # every branch above set both
         if hi < lo:
             hi = lo
         step = _num(key_of(schema, "multipleOf"))

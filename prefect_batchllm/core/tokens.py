@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Any, TypedDict, cast
 
 
 class TokenUsage(TypedDict, total=False):
@@ -23,16 +23,16 @@ def normalize_usage(usage: TokenUsage | dict[str, int] | None) -> TokenUsage:
     # Accept the common OpenAI-style aliases so user strategies can return provider usage as-is.
     raw.setdefault("input_tokens", raw.pop("prompt_tokens", 0))
     raw.setdefault("output_tokens", raw.pop("completion_tokens", 0))
-    out: TokenUsage = {key: max(0, int(raw.get(key) or 0)) for key in TOKEN_KEYS}  # type: ignore[misc]
-    if not out["total_tokens"]:
-        out["total_tokens"] = out["input_tokens"] + out["output_tokens"]
-    return out
+    counts = {key: max(0, int(cast(Any, raw.get(key)) or 0)) for key in TOKEN_KEYS}
+    if not counts["total_tokens"]:
+        counts["total_tokens"] = counts["input_tokens"] + counts["output_tokens"]
+    return cast(TokenUsage, counts)
 
 
 def add_usage(a: TokenUsage | None, b: TokenUsage | None) -> TokenUsage:
     """Sum of two usages (used to count every attempt of an item, failed ones included)."""
-    na, nb = normalize_usage(a), normalize_usage(b)
-    return {key: na[key] + nb[key] for key in TOKEN_KEYS}  # type: ignore[return-value]
+    na, nb = cast(dict[str, int], normalize_usage(a)), cast(dict[str, int], normalize_usage(b))
+    return cast(TokenUsage, {key: na[key] + nb[key] for key in TOKEN_KEYS})
 
 
 def estimate_tokens(text: str) -> int:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
-import json
 import threading
 import weakref
 from collections import deque
@@ -26,7 +24,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Union
 
 from google.genai import types
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from prefect_batchllm.core.errors import (
     BlockedResponseError,
@@ -34,6 +32,7 @@ from prefect_batchllm.core.errors import (
     is_missing_cache_error,
     register_secret,
 )
+from prefect_batchllm.core.identity import sha256_of
 from prefect_batchllm.core.pricing import bare_model_name
 from prefect_batchllm.core.tokens import TokenUsage, normalize_usage
 from prefect_batchllm.models.base import LLMResponse
@@ -76,31 +75,8 @@ def _ratings(ratings: Any) -> dict[str, str]:
     return out
 
 
-def _canonical(value: Any) -> Any:
-    """JSON-able, order-stable form of SDK objects, pydantic models, dicts and lists (for fingerprints)."""
-    if isinstance(value, BaseModel):
-        return _canonical(value.model_dump(mode="json", exclude_none=True))
-    if isinstance(value, Mapping):
-        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, list | tuple):
-        return [_canonical(v) for v in value]
-    if isinstance(value, bytes):
-        return hashlib.sha256(value).hexdigest()
-    if isinstance(value, Enum):
-        return value.value
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    # repr() would embed memory addresses: fingerprints would differ between processes and caches would
-    # never be found again, so refuse instead.
-    raise TypeError(
-        f"cannot fingerprint a {type(value).__module__}.{type(value).__qualname__}; use str, bytes, dicts, "
-        "lists or google.genai types (Content, Part...) for cached content and settings"
-    )
-
-
 def _sha256(payload: Any) -> str:
-    blob = json.dumps(_canonical(payload), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return sha256_of(payload)
 
 
 def usage_from_response(response: Any) -> TokenUsage:
@@ -361,7 +337,7 @@ def _candidate_text(candidate: Any) -> str:
 
 
 def _schema_requested(config: Mapping[str, Any] | None) -> bool:
-    return bool(config) and (
+    return config is not None and (
         config.get("response_schema") is not None or config.get("response_json_schema") is not None
     )
 

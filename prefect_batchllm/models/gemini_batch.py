@@ -142,7 +142,7 @@ def request_wire(client: genai.Client, request: BatchRequest) -> dict[str, Any]:
         contents=request.contents, config=request.config, metadata={"key": request.key}
     )
     wire = sdk_batches._InlinedRequest_to_mldev(_api_client(client), inlined)
-    return _common.encode_unserializable_types(_common.convert_to_dict(wire))  # type: ignore[no-any-return]
+    return _common.encode_unserializable_types(_common.convert_to_dict(wire))
 
 
 def plan_jobs(
@@ -163,8 +163,8 @@ def plan_jobs(
     lines: list[bytes] = []
     for request in requests:
         wire = request_wire(client, request)
-        line = {"key": request.key, "request": wire.get("request", {})}
-        encoded = json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode()
+        entry = {"key": request.key, "request": wire.get("request", {})}
+        encoded = json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode()
         if len(encoded) + 1 > file_max_bytes:
             raise ValueError(
                 f"batch request {request.key!r} is {len(encoded):,} bytes, above the {file_max_bytes:,}-byte "
@@ -328,7 +328,7 @@ def answer_error(error: dict[str, Any]) -> genai_errors.APIError:
     so the error classifier treats both modes alike (429 rate limited, 5xx transient, 400 fatal...)."""
     code = error.get("code")
     status = error.get("status")
-    http = code if isinstance(code, int) and code >= 100 else _RPC_TO_HTTP.get(code or 2, 500)  # type: ignore[arg-type]
+    http = code if isinstance(code, int) and code >= 100 else _RPC_TO_HTTP.get(code or 2, 500)
     body = {"error": {"code": http, "message": str(error.get("message") or "batch request failed")}}
     if status:
         body["error"]["status"] = status

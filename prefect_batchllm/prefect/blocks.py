@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from prefect.blocks.core import Block
 from pydantic import Field, PrivateAttr, SecretStr, field_validator
@@ -38,7 +38,7 @@ class _DropsLiveState:
     """Mixin for blocks with private caches: pickle without them (clients and locks do not travel)."""
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()  # type: ignore[misc]
+        state = cast("dict[str, Any]", super().__getstate__())
         private = dict(state.get("__pydantic_private__") or {})
         for name in _LIVE_ATTRS:
             if name in private:
@@ -75,9 +75,11 @@ client = GeminiCredentials.load("BLOCK_NAME").get_client()
         default=None, description="API version path, e.g. 'v1beta' (default: the SDK's)."
     )
 
-    _clients: Any = PrivateAttr(default=None)  # WeakKeyDictionary[loop, genai.Client]
-    _sync_client: Any = PrivateAttr(default=None)
-    _lock: Any = PrivateAttr(default=None)
+    _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, genai.Client] | None = PrivateAttr(
+        default=None
+    )
+    _sync_client: genai.Client | None = PrivateAttr(default=None)
+    _lock: threading.Lock | None = PrivateAttr(default=None)
 
     @field_validator("api_key")
     @classmethod
@@ -160,8 +162,8 @@ result = run_batch(items)  # items built with GeminiStrategy(model, response_par
     )
     auto_renew: bool = Field(default=True, description="Renew the cache TTL in place near expiry.")
 
-    _model: Any = PrivateAttr(default=None)
-    _lock: Any = PrivateAttr(default=None)
+    _model: GeminiCachedModel | None = PrivateAttr(default=None)
+    _lock: threading.Lock | None = PrivateAttr(default=None)
 
     @field_validator("cached_contents")
     @classmethod

@@ -1,4 +1,4 @@
-"""The batch flow (``run_batch``), its plain-prompts shorthand, and the seed-compatible processor facade.
+"""The batch flow (``run_batch``) and its plain-prompts shorthand (the seed's facade: ``processor.py``).
 
 One async flow run per batch. Inside it: one prepare task per unique strategy that has a real
 ``prepare()`` (at most ``max_workers`` at a time; base no-ops get no task), then one task run per item
@@ -19,21 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import inspect
 import logging
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-from prefect import Flow
-from prefect._internal.compatibility.async_dispatch import is_in_async_context
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
 from prefect.utilities.annotations import quote
-from prefect.utilities.asyncutils import run_coro_as_sync
-from prefect.utilities.callables import get_call_parameters
 
 from prefect_batchllm.core.admission import Admission, Unlimited
 from prefect_batchllm.core.attempt import AttemptFailed
@@ -58,9 +52,11 @@ from prefect_batchllm.core.events import (
 from prefect_batchllm.core.items import BatchResult, LLMWorkItem, WorkItemResult, check_unique_ids
 from prefect_batchllm.core.pricing import price_for
 from prefect_batchllm.core.stop import BatchStop
+from prefect_batchllm.core.strategy import LLMCallStrategy
 from prefect_batchllm.core.tokens import normalize_usage
 from prefect_batchllm.prefect.artifacts import ProgressArtifact, slugify_key, task_run_metadata
 from prefect_batchllm.prefect.events import PauseEvents, PrefectEventBridge, batch_completed_data
+from prefect_batchllm.prefect.flow_base import BatchLLMFlow
 from prefect_batchllm.prefect.progress import close_terminal_progress, with_terminal_progress
 from prefect_batchllm.prefect.redaction import install_redaction
 from prefect_batchllm.prefect.tasks import (
@@ -76,18 +72,13 @@ from prefect_batchllm.prefect.tasks import (
     safe_reason,
     summarize_batch,
 )
-from prefect_batchllm.strategies.base import LLMCallStrategy
 
 logger = logging.getLogger("prefect_batchllm")
 
-__all__ = ["BatchFlow", "BatchItemsFailed", "ParallelBatchProcessor", "run_batch", "run_batch_prompts"]
-
-TInput = TypeVar("TInput")
-TOutput = TypeVar("TOutput")
-TContext = TypeVar("TContext")
+__all__ = ["BatchFlow", "BatchItemsFailed", "run_batch", "run_batch_prompts"]
 
 #: Above this many items in per-item mode the flow suggests ``chunk_size`` (measured at 3,000 RPM on 2 vCPUs
-#: and SQLite: ~11-16 items/s per item, 45/s in chunks; see ``limits.py``).
+#: and SQLite: ~11-16 items/s per item, 45/s in chunks; see docs/rate-limits.md).
 _CHUNK_HINT_ITEMS = 2000
 #: Item ids shown in the stored flow-run parameters (the rest is summarised).
 _PARAM_IDS_SHOWN = 20
@@ -198,18 +189,15 @@ class _Caller:
 _CALLER: contextvars.ContextVar[_Caller | None] = contextvars.ContextVar("batchllm_caller", default=None)
 
 
-class BatchFlow(Flow):  # type: ignore[type-arg]
-    """A Prefect ``Flow`` for batches: safe parameter storage and call-style dispatch.
-
-    * ``serialize_parameters`` stores a summary of ``items`` / ``prompts`` (never the prompts), so the
-      512 KiB server cap on flow parameters does not limit batch size.
-    * Called with no running event loop (plain code, or inside a sync ``@flow``) it runs to completion and
-      returns the result; called from async code it returns an awaitable, like any async flow.
-    * Inputs are validated before a flow run is created.
+class BatchFlow(BatchLLMFlow):
+    """The ``run_batch`` flow: stored parameters summarise ``items`` / ``prompts`` (never the prompts), so
+    the 512 KiB server cap on flow parameters does not limit batch size; inputs are validated before a
+    flow run is created; the caller (parent flow, deployment) is remembered for artifact keys. Call
+    dispatch and ``with_options`` come from :class:`BatchLLMFlow`.
     """
 
-    def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
-        compact = dict(parameters)
+    def summarize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        compact = parameters
         for name in ("items", "prompts"):
             if name in compact:
                 compact[name] = (
@@ -220,15 +208,10 @@ class BatchFlow(Flow):  # type: ignore[type-arg]
                 compact[name] = _callable_name(compact[name])
         if isinstance(compact.get("strategy"), LLMCallStrategy):
             compact["strategy"] = repr(compact["strategy"])
-        return super().serialize_parameters(compact)
+        return compact
 
-    def with_options(self, *args: Any, **kwargs: Any) -> BatchFlow:
-        new = super().with_options(*args, **kwargs)
-        new.__class__ = type(self)
-        return new  # type: ignore[return-value]
-
-    def __call__(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
-        params = get_call_parameters(self.fn, args, kwargs)
+    def check_call(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        params = parameters
         if "items" in params:
             # Materialise iterators once (validation must not consume what the flow body needs).
             params["items"], _ = validate_batch_inputs(params["items"], params.get("config"))
@@ -239,10 +222,7 @@ class BatchFlow(Flow):  # type: ignore[type-arg]
                 deployment_id=parent.flow_run.deployment_id if parent and parent.flow_run else None,
             )
         )
-        result = super().__call__(return_state=return_state, wait_for=wait_for, **params)
-        if inspect.iscoroutine(result) and not is_in_async_context():
-            return run_coro_as_sync(result)
-        return result
+        return params
 
 
 def _describe_prompts(prompts: Any) -> dict[str, Any]:
@@ -859,189 +839,3 @@ def run_batch_prompts(
         pairs = [(f"item-{i:0{width}d}", p) for i, p in enumerate(listed)]
     items = [LLMWorkItem(item_id=item_id, strategy=strategy, prompt=p) for item_id, p in pairs]
     return run_batch(items, config)
-
-
-# --------------------------------------------------------------------------------------------------
-# Seed-compatible facade
-
-
-class _StatsObserver:
-    """Counts events for ``ParallelBatchProcessor.get_stats()`` while the flow runs."""
-
-    def __init__(self) -> None:
-        self.started = 0
-        self.succeeded = 0
-        self.failed = 0
-        self.retries = 0
-        self.rate_limit_count = 0
-
-    async def on_event(self, event: ProcessingEvent, data: dict[str, Any]) -> None:
-        if event is ProcessingEvent.ITEM_STARTED:
-            self.started += 1
-        elif event is ProcessingEvent.ITEM_COMPLETED:
-            self.succeeded += 1
-        elif event is ProcessingEvent.ITEM_FAILED:
-            self.failed += 1
-        elif event is ProcessingEvent.ITEM_RETRYING:
-            self.retries += 1
-        elif event is ProcessingEvent.RATE_LIMIT_HIT:
-            self.rate_limit_count += 1
-
-
-class ParallelBatchProcessor(Generic[TInput, TOutput, TContext]):
-    """The seed library's processor, executing through the ``run_batch`` flow.
-
-    ``add_work`` queues items, ``process_all`` runs them as one Prefect flow run and returns the
-    :class:`BatchResult`. Instances are one-shot. Legacy keyword arguments (``max_workers``,
-    ``timeout_per_item``, ``rate_limit_cooldown``) are merged into ``config``; giving one that disagrees
-    with ``config`` is an error.
-    """
-
-    def __init__(
-        self,
-        max_workers: int | None = None,
-        post_processor: PostProcessorFunc | None = None,
-        timeout_per_item: float | None = None,
-        rate_limit_cooldown: float | None = None,
-        config: ProcessorConfig | None = None,
-        error_classifier: ErrorClassifier | None = None,
-        rate_limit_strategy: Any | None = None,
-        middlewares: list[Middleware] | None = None,
-        observers: list[ProcessorObserver] | None = None,
-        progress_callback: ProgressCallbackFunc | None = None,
-    ) -> None:
-        self.config = _merge_legacy_config(config, max_workers, timeout_per_item, rate_limit_cooldown)
-        if rate_limit_strategy is not None:
-            warnings.warn(
-                "ParallelBatchProcessor(rate_limit_strategy=...) is not used: 429 pauses follow "
-                "ProcessorConfig.rate_limit (RateLimitConfig.cooldown_seconds, backoff_multiplier)",
-                UserWarning,
-                stacklevel=2,
-            )
-        self.post_processor = post_processor
-        self.error_classifier = error_classifier
-        self.middlewares = list(middlewares or [])
-        self.observers = list(observers or [])
-        self.progress_callback = progress_callback
-        self._items: list[LLMWorkItem[Any, Any]] = []
-        self._ids: set[str] = set()
-        self._stats = _StatsObserver()
-        self._result: BatchResult[Any, Any] | None = None
-        self._state = "open"  # open -> running -> done
-        self._started: float | None = None
-        self._finished: float | None = None
-
-    async def add_work(self, work_item: LLMWorkItem[TInput, TOutput]) -> None:  # type: ignore[type-var]
-        """Queue one item (rejects duplicates and additions after ``process_all`` started)."""
-        if self._state != "open":
-            raise RuntimeError("ParallelBatchProcessor: add_work after process_all(); create a new processor")
-        if not isinstance(work_item, LLMWorkItem):
-            raise TypeError(f"add_work expects an LLMWorkItem, got {type(work_item).__name__}")
-        if work_item.item_id in self._ids:
-            raise ValueError(
-                f"duplicate item_id {work_item.item_id!r}; every LLMWorkItem needs a unique item_id"
-            )
-        if self.config.max_queue_size and len(self._items) >= self.config.max_queue_size:
-            raise ValueError(
-                f"queue is full (max_queue_size={self.config.max_queue_size}); in batch mode the queue "
-                "must hold every item: raise max_queue_size or set it to 0 (unbounded)"
-            )
-        self._ids.add(work_item.item_id)
-        self._items.append(work_item)
-
-    async def process_all(self) -> BatchResult[TOutput, TContext]:
-        """Run every queued item through the ``run_batch`` flow; results are in ``add_work`` order."""
-        if self._state != "open":
-            raise RuntimeError("ParallelBatchProcessor.process_all() can run only once per instance")
-        self._state = "running"
-        self._started = time.monotonic()
-        try:
-            result = await run_batch(
-                self._items,
-                self.config,
-                self.post_processor,
-                error_classifier=self.error_classifier,
-                middlewares=self.middlewares,
-                observers=[self._stats, *self.observers],
-                progress_callback=self.progress_callback,
-            )
-        except BatchItemsFailed as failed:
-            self._result = failed.result
-            raise
-        finally:
-            self._state = "done"
-            self._finished = time.monotonic()
-        self._result = result
-        return result
-
-    async def get_stats(self) -> dict[str, Any]:
-        """Counts and tokens so far (live while ``process_all`` runs)."""
-        s, r = self._stats, self._result
-        end = self._finished if self._finished is not None else time.monotonic()
-        stats: dict[str, Any] = {
-            "total": len(self._items),
-            "started": s.started,
-            "processed": s.succeeded + s.failed,
-            "succeeded": s.succeeded,
-            "failed": s.failed,
-            "retries": s.retries,
-            "rate_limit_count": s.rate_limit_count,
-            "duration": (end - self._started) if self._started is not None else 0.0,
-        }
-        if r is not None:
-            stats.update(
-                total_input_tokens=r.total_input_tokens,
-                total_output_tokens=r.total_output_tokens,
-                total_cached_tokens=r.total_cached_tokens,
-                cache_hit_rate=r.cache_hit_rate(),
-                error_counts=r.error_categories(),
-                estimated_cost_usd=r.estimated_cost_usd,
-            )
-        return stats
-
-    async def __aenter__(self) -> ParallelBatchProcessor[TInput, TOutput, TContext]:
-        return self
-
-    async def __aexit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
-        # Strategies are prepared and cleaned up inside the flow run, so nothing is left open here.
-        return False
-
-
-def _merge_legacy_config(
-    config: ProcessorConfig | None,
-    max_workers: int | None,
-    timeout_per_item: float | None,
-    rate_limit_cooldown: float | None,
-) -> ProcessorConfig:
-    """Fold the seed's deprecated keyword arguments into a ProcessorConfig; conflicts are errors."""
-    if config is not None and not isinstance(config, ProcessorConfig):
-        raise TypeError(f"config must be a ProcessorConfig, got {type(config).__name__}")
-    legacy = {"max_workers": max_workers, "timeout_per_item": timeout_per_item}
-    if config is None:
-        base = ProcessorConfig(**{k: v for k, v in legacy.items() if v is not None})
-    else:
-        for name, value in legacy.items():
-            if value is not None and value != getattr(config, name):
-                raise ValueError(
-                    f"ParallelBatchProcessor: {name}={value!r} conflicts with config.{name}="
-                    f"{getattr(config, name)!r}; set it in one place"
-                )
-        base = config
-    if rate_limit_cooldown is not None:
-        current = base.rate_limit.cooldown_seconds
-        if config is not None and rate_limit_cooldown != current:
-            raise ValueError(
-                f"ParallelBatchProcessor: rate_limit_cooldown={rate_limit_cooldown!r} conflicts with "
-                f"config.rate_limit.cooldown_seconds={current!r}; set it in one place"
-            )
-        from dataclasses import replace
-
-        base = replace(
-            base,
-            rate_limit=replace(
-                base.rate_limit,
-                cooldown_seconds=rate_limit_cooldown,
-                max_cooldown_seconds=max(base.rate_limit.max_cooldown_seconds, rate_limit_cooldown),
-            ),
-        )
-    return base

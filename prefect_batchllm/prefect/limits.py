@@ -1,90 +1,10 @@
 """Provider quotas (RPM, TPM, in-flight) enforced by Prefect global concurrency limits, efficiently.
 
-The Prefect server owns the limits, so one quota holds across flow runs, processes and machines. What
-this module adds is *how* a process talks to them, because the obvious way wastes most of the quota.
-
-Measured here (prefect 3.8.8, 2 vCPU shared with other work, SQLite unless noted; ``benchmarks/run.py``):
-
-* One ``rate_limit()`` + ``concurrency()`` per call (600 RPM, 16 in flight, 0.2 s calls): 0.35 of the
-  ideal rate outside a flow, **0.22 inside a flow** recording task runs. Waiters poll with server-driven
-  back-off, a release wakes nobody, and the client serialises slot requests per limit name.
-* A read (GET) of a limit is 7-9 ms idle, 30-100 ms under load, and writes nothing. An increment is
-  13-30 ms idle but **~1-2 s (up to 7 s) while a flow records task runs**: it waits for SQLite's write
-  lock behind event writes. Every granted increment restarts the decay clock and ``floor()`` drops the
-  fractional slot (decay 10/s, grants 0.4 s apart freed 3 slots, not 4). A denied increment did not lose
-  decay on SQLite.
-* So the number of *limit writes*, not calls, decides throughput: reading, sleeping until enough slots
-  have decayed, then taking them in one increment kept the decay rate within ~1 % with zero denials.
-
-Mechanism: each process runs one *reserve loop per limit* on its own thread and hands slots out locally.
-
-* **RPM / TPM** (``<prefix>-rpm``, ``<prefix>-tpm``: decaying limits). While callers wait, the loop reads
-  the limit and takes a block with one increment: what callers need until the next increment can land
-  (recent admission rate x max(1 s, 2 x write latency), growing 1.5x per block while supply-limited), at
-  most what is free; if too little is free it sleeps until the block has decayed (computed from
-  ``active_slots``, ``updated`` and the decay, aimed just past a decay step). Up to
-  ``MAX_OUTSTANDING_WRITES`` increments are in flight, staggered, to hide slow writes. Slots go straight
-  to waiters; slots unused after ``HOLD_SECONDS`` expire and are left to decay, never returned or
-  re-used (a late return cancels another process's fresh slot on the server; a late use lands outside
-  the window the bucket budgeted). A caller that picks its permit up more than ``SEND_GRACE_SECONDS``
-  after that (a busy or descheduled loop) drops it and asks again. Tokens are reserved from the
-  estimate and reconciled with the reported usage: under-estimates are charged with the next block
-  (debt), over-estimates only cancel debt. RPM and TPM are granted together (atomic per admission,
-  strict FIFO), reserved only for callers that hold an in-flight slot and (RPM) whose tokens are reserved.
-* **In flight** (``<prefix>-inflight``, no decay): slots are leased in chunks (``lease_duration`` =
-  ``LEASE_SECONDS``: Prefect requires >= 60; renewed at half-life), handed out locally, kept while this
-  process has callers, returned after ``IDLE_LEASE_SECONDS`` without any; rotated when another process
-  says it is starved (see ``_LeasePool``).
-* Result: a handful of limit writes per second per process, whatever the call rate (1,000 calls at 600 RPM:
-  ~90-120 increments, 2-3 leases).
-* End to end (``make bench``: ``run_batch`` + ``GeminiStrategy`` over the SDK, ``chunk_size=100``, zero
-  429s; achieved / ideal, ephemeral API / ``prefect server start``): 600 RPM x 1,000 items 0.917 / 0.917;
-  3,000 RPM x 5,000 items 0.901 / 0.909; TPM-bound 0.941 / 0.934, against a window-budget ceiling of
-  ~0.94 (below). With one task run per item the 600 RPM case reaches 0.89-0.93, but at 3,000 RPM only
-  0.22-0.34 (~11-16 items/s, where the same flow without a limit runs 60 items/s): increments then take
-  1-6 s behind ~50 task runs/s of event writes on SQLite, and reserving further ahead did not help
-  (measured) because slots held longer than ``HOLD_SECONDS`` must be returned. Hence ``chunk_size`` for
-  high-rate batches on SQLite. On a PostgreSQL-backed server one task run per item reaches 0.997 at
-  3,000 RPM (1,000 items; ``benchmarks/postgres.sh --cases b --mode run_batch --scale 0.2``).
-* End to end (``make bench``: ``run_batch`` + ``GeminiStrategy`` over the SDK, ``chunk_size=100``, zero
-  429s; achieved / ideal, ephemeral API / ``prefect server start``): 600 RPM x 1,000 items 0.917 / 0.917;
-  3,000 RPM x 5,000 items 0.901 / 0.909; TPM-bound 0.941 / 0.934. The ceiling is the window budget
-  below (~0.94 on these runs), not the server round trips. With one task run per item the 600 RPM case
-  reaches 0.89-0.93, but at 3,000 RPM the flow manages ~11 items/s (0.22): per-task-run work, not admission.
-
-Token bucket vs the provider's window. A decaying limit with capacity ``L`` grants up to
-``L + decay * W`` in any window ``W``; a provider counting a sliding window of ``W`` seconds rejects
-anything beyond ``per_minute * W / 60``. So limits get ``L = BURST_FRACTION`` of one window's allowance
-(it must absorb multi-second write stalls) and ``decay = (allowance - L) / (W + HOLD_SECONDS)``: no window
-of the provider can exceed the quota (``RateLimitConfig.quota_window_seconds`` = W, 60 for Gemini), at a
-cost of ~7.5 % of the nominal per-minute rate; the first ``L`` requests go out at once, which recovers
-part of it on short batches.
-
-Strict semantics. Slots are taken with the same ``/v2/concurrency_limits/increment`` calls that Prefect's
-``rate_limit(..., strict=True)`` / ``concurrency(..., strict=True)`` make, but not through those helpers
-(their built-in 423 retry loop is the slow polling above). A limit that is missing, disabled or of the
-wrong kind raises :class:`RateLimitConfigurationError` (a ``ConcurrencySlotAcquisitionError``): never
-silent unlimited execution. The limiter validates the limits when it starts and paces from the server's
-values, which stay the source of truth (``prefect-batchllm limits apply`` changes them for every job).
-
-429s. ``report_rate_limit`` pauses every admission of this process once per wave (a generation counter:
-a 429 from an attempt admitted before the current pause began does not start another one), for at least
-the provider's ``RetryInfo`` delay and ``cooldown_seconds * backoff_multiplier**(n-1)`` for the n-th
-consecutive wave (reset by a success), then ramps back up (slow start). The pause is also written to the
-Prefect Variable ``<prefix>-paused-until``, which every busy process reads before reserving a block and
-at least once per ``PAUSE_POLL_SECONDS``: one cheap read per second per process buys one pause for
-everybody sharing the quota instead of one 429 wave per process.
-
-Threading. The limiter runs its own event loop on a daemon thread (with its own Prefect client), so it
-can be shared by async tasks on any loop or thread (``.map``, chunked tasks, the flow's loop). Call
-``aclose()`` at the end of a run to return unused slots at once; without it idle leases and unused slots
-are returned within a second anyway.
-
-Backend. SQLite (the ephemeral API, ``prefect server start``'s default) serialises writes, so limit
-updates queue behind task-run event writes: fine for one or two processes. For heavy multi-process use
-run a PostgreSQL-backed server, ``PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://user:pass@
-host:5432/prefect prefect server start``, and point every flow process and worker at it with
-``PREFECT_API_URL=http://host:4200/api``.
+The Prefect server owns the limits, so one quota holds across flow runs, processes and machines; this module
+is *how* a process talks to them (one reserve loop per limit on the limiter's own thread, blocks of slots
+taken with few writes, leased in-flight slots, a shared 429 pause). Why it is built this way, with the
+measurements behind it: ``docs/rate-limits.md``. Creating, reading and deleting the limits (the operator
+API behind ``prefect-batchllm limits``) is :mod:`prefect_batchllm.prefect.limit_admin`.
 """
 
 from __future__ import annotations
@@ -107,7 +27,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from http import HTTPStatus
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 from uuid import UUID
 
 import httpx
@@ -120,7 +40,22 @@ from pydantic import TypeAdapter
 
 from prefect_batchllm.core.admission import Admission, Permit, Unlimited
 from prefect_batchllm.core.config import ProcessorConfig, RateLimitConfig
+from prefect_batchllm.prefect.limit_admin import (
+    BLOCK_SECONDS,
+    HOLD_SECONDS,
+    Kind,
+    LimitSpec,
+    _pause_variable,
+    _wanted_variable,
+    aensure_rate_limits,
+    delete_rate_limits,
+    ensure_rate_limits,
+    limit_names,
+    limit_specs,
+    read_rate_limits,
+)
 
+# The limit names, sizes and admin API live in limit_admin; they stay importable from here as before.
 __all__ = [
     "GlobalRateLimiter",
     "LimitSpec",
@@ -137,10 +72,7 @@ __all__ = [
 
 logger = logging.getLogger("prefect_batchllm.limits")
 
-BURST_FRACTION = 0.06  # capacity of a decaying limit, as a share of one quota window's allowance
-HOLD_SECONDS = 1.0  # reserved RPM/TPM slots not handed out within this long expire unused
 SEND_GRACE_SECONDS = 0.25  # a permit picked up later than HOLD + this after its slot was reserved is refused
-BLOCK_SECONDS = 1.0  # largest block reserved at once, in seconds of the limit's rate
 PHASE_MARGIN = 0.15  # aim an increment this fraction of a slot past a decay step
 LEASE_SECONDS = 120.0  # in-flight lease duration (Prefect requires >= 60); renewed at half-life
 IDLE_LEASE_SECONDS = 0.5  # an in-flight lease unused this long, with nobody waiting, is returned
@@ -151,7 +83,6 @@ ERROR_BACKOFF_SECONDS = 1.0  # wait after a failed API call before trying again
 RATE_WINDOW_SECONDS = 2.0  # admissions over this window size the next block
 MAX_OUTSTANDING_WRITES = 2  # increments of one limit in flight at once (hides slow SQLite writes)
 
-Kind = Literal["rpm", "tpm", "inflight"]
 #: The Prefect client returns the raw response of the v2 increment endpoints; these are Prefect's own models.
 _INCREMENTED = TypeAdapter(list[MinimalConcurrencyLimitResponse])
 _T = TypeVar("_T")
@@ -159,139 +90,6 @@ _T = TypeVar("_T")
 
 class RateLimitConfigurationError(ConcurrencySlotAcquisitionError):
     """A limit the job needs is missing, disabled or of the wrong kind (never run unlimited instead)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Limit names and sizes
-
-
-@dataclass(frozen=True)
-class LimitSpec:
-    """One Prefect global concurrency limit derived from a :class:`RateLimitConfig`."""
-
-    kind: Kind
-    name: str
-    limit: int
-    slot_decay_per_second: float
-
-
-def limit_names(prefix: str) -> dict[Kind, str]:
-    """``{"rpm": "<prefix>-rpm", "tpm": "<prefix>-tpm", "inflight": "<prefix>-inflight"}``."""
-    return {"rpm": f"{prefix}-rpm", "tpm": f"{prefix}-tpm", "inflight": f"{prefix}-inflight"}
-
-
-def _decaying(per_minute: float, window_s: float, hold_s: float) -> tuple[int, float]:
-    """(capacity, decay/s) such that no provider window of ``window_s`` exceeds its allowance."""
-    allowance = per_minute * window_s / 60.0
-    if allowance >= 1:
-        allowance = math.floor(allowance)
-    burst = max(1, math.floor(allowance * BURST_FRACTION))
-    # A token bucket admits burst + decay * window per window; slots may be used up to hold_s late, and a
-    # process may sit on one more reserved block (BLOCK_SECONDS of the rate) that a stalled admission
-    # then releases at once: measured, a 2 s stall followed by such a burst filled a 5 s window to 99.96 %
-    # of its allowance, so that block is budgeted too (about 1.6 % of the rate on a 60 s window).
-    decay = max(allowance - burst, allowance * 0.5) / (window_s + hold_s + BLOCK_SECONDS)
-    return burst, decay
-
-
-def limit_specs(config: RateLimitConfig) -> list[LimitSpec]:
-    """The limits a config needs (only the dimensions that are set)."""
-    names = limit_names(config.limit_prefix)
-    window = config.quota_window_seconds
-    specs: list[LimitSpec] = []
-    if config.requests_per_minute is not None:
-        burst, decay = _decaying(config.requests_per_minute, window, HOLD_SECONDS)
-        specs.append(LimitSpec("rpm", names["rpm"], burst, decay))
-    if config.tokens_per_minute is not None:
-        burst, decay = _decaying(config.tokens_per_minute, window, HOLD_SECONDS)
-        specs.append(LimitSpec("tpm", names["tpm"], burst, decay))
-    if config.max_in_flight is not None:
-        specs.append(LimitSpec("inflight", names["inflight"], int(config.max_in_flight), 0.0))
-    return specs
-
-
-def _pause_variable(prefix: str) -> str:
-    return f"{prefix.replace('.', '_')}-paused-until"
-
-
-def _wanted_variable(prefix: str) -> str:
-    return f"{prefix.replace('.', '_')}-inflight-wanted"
-
-
-@contextlib.asynccontextmanager
-async def _client_ctx(client: Any | None) -> Any:
-    if client is not None:
-        yield client
-        return
-    from prefect.client.orchestration import get_client
-
-    async with get_client() as own:
-        yield own
-
-
-async def aensure_rate_limits(config: RateLimitConfig, *, client: Any | None = None) -> list[str]:
-    """Create or update (idempotently) the limits ``config`` needs; return their names.
-
-    Safe to run from many processes at once (a lost create race is retried as an update). A limit an
-    operator disabled stays disabled: the limiter then refuses to run rather than run unlimited.
-    """
-    from prefect.exceptions import ObjectAlreadyExists
-
-    async with _client_ctx(client) as api:
-        for spec in limit_specs(config):
-            for attempt in (1, 2):
-                try:
-                    await api.upsert_global_concurrency_limit_by_name(
-                        spec.name, spec.limit, slot_decay_per_second=spec.slot_decay_per_second
-                    )
-                    break
-                except ObjectAlreadyExists:
-                    if attempt == 2:
-                        raise
-    return [spec.name for spec in limit_specs(config)]
-
-
-def ensure_rate_limits(config: RateLimitConfig, *, client: Any | None = None) -> list[str]:
-    """Synchronous :func:`aensure_rate_limits` (CLI, scripts); in async code await the ``a`` variant."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(aensure_rate_limits(config, client=client))
-    raise RuntimeError(
-        "ensure_rate_limits() was called inside a running event loop; use `await aensure_rate_limits(...)`"
-    )
-
-
-async def read_rate_limits(prefix: str | None = None, *, client: Any | None = None) -> list[Any]:
-    """All global concurrency limits (``GlobalConcurrencyLimitResponse``), or those of one prefix."""
-    wanted = set(limit_names(prefix).values()) if prefix else None
-    found: list[Any] = []
-    async with _client_ctx(client) as api:
-        offset = 0
-        while True:
-            page = await api.read_global_concurrency_limits(limit=200, offset=offset)
-            found.extend(lim for lim in page if wanted is None or lim.name in wanted)
-            if len(page) < 200:
-                return found
-            offset += len(page)
-
-
-async def delete_rate_limits(prefix: str, *, client: Any | None = None) -> list[str]:
-    """Delete the limits (and the shared variables) of ``prefix``; return the names of the limits deleted."""
-    from prefect.exceptions import ObjectNotFound
-
-    deleted: list[str] = []
-    async with _client_ctx(client) as api:
-        for name in limit_names(prefix).values():
-            try:
-                await api.delete_global_concurrency_limit_by_name(name)
-                deleted.append(name)
-            except ObjectNotFound:
-                continue
-        for variable in (_pause_variable(prefix), _wanted_variable(prefix)):
-            with contextlib.suppress(ObjectNotFound):
-                await api.delete_variable_by_name(variable)
-    return deleted
 
 
 # --------------------------------------------------------------------------------------------------

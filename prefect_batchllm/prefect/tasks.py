@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-import json
 import logging
 import random
 import time
@@ -41,10 +40,11 @@ from prefect_batchllm.core.attempt import AttemptFailed, ItemLedger, _pause_afte
 from prefect_batchllm.core.config import ProcessorConfig
 from prefect_batchllm.core.errors import ErrorCategory, ErrorClassifier, ErrorInfo, describe_error, redact
 from prefect_batchllm.core.events import EventDispatcher, ProcessingEvent
+from prefect_batchllm.core.identity import sha256_of
 from prefect_batchllm.core.items import BatchResult, LLMWorkItem, WorkItemResult
 from prefect_batchllm.core.stop import BatchStop
+from prefect_batchllm.core.strategy import LLMCallStrategy
 from prefect_batchllm.prefect.artifacts import publish_batch_artifacts
-from prefect_batchllm.strategies.base import LLMCallStrategy
 
 logger = logging.getLogger("prefect_batchllm")
 
@@ -132,29 +132,15 @@ def get_run(key: str) -> BatchRun:
 # Cross-run result cache key
 
 
-def _canonical(value: Any) -> Any:
-    """JSON-able, deterministic form of a prompt (text or multimodal parts)."""
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    if isinstance(value, bytes | bytearray):
-        return {"sha256": hashlib.sha256(bytes(value)).hexdigest()}
-    if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, list | tuple):
-        return [_canonical(v) for v in value]
-    dump = getattr(value, "model_dump", None)
-    if callable(dump):
-        return _canonical(dump(mode="json", exclude_none=True))
-    return repr(value)
-
-
 def prompt_sha256(prompt: Any) -> str:
-    """sha256 of a prompt; strings hash their UTF-8 bytes, content-part lists their canonical JSON."""
+    """sha256 of a prompt; strings hash their UTF-8 bytes, content-part lists their canonical JSON.
+
+    A part that is not data raises :class:`~prefect_batchllm.core.identity.FingerprintError` naming its
+    type (never ``repr``, whose memory address would make every run miss the cache).
+    """
     if isinstance(prompt, str):
-        data = prompt.encode()
-    else:
-        data = json.dumps(_canonical(prompt), sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(data).hexdigest()
+        return hashlib.sha256(prompt.encode()).hexdigest()
+    return sha256_of(prompt)
 
 
 def item_cache_key(item: LLMWorkItem[Any, Any]) -> str:

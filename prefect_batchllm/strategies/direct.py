@@ -14,14 +14,9 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from prefect_batchllm.core.identity import callable_identity
+from prefect_batchllm.core.strategy import ExecuteResult, LLMCallStrategy, RetryState, TOutput
 from prefect_batchllm.core.tokens import TokenUsage, normalize_usage
-from prefect_batchllm.strategies.base import (
-    ExecuteResult,
-    LLMCallStrategy,
-    RetryState,
-    TOutput,
-    callable_identity,
-)
 
 __all__ = ["DirectCallStrategy"]
 
@@ -85,7 +80,7 @@ class DirectCallStrategy(LLMCallStrategy[TOutput]):
             raise TypeError(
                 f"{_qualname(self.call)} returned token_usage of type {type(usage).__name__}, not a dict"
             )
-        normalized: TokenUsage = normalize_usage(dict(usage or {}))  # type: ignore[arg-type]
+        normalized: TokenUsage = normalize_usage(dict(usage or {}))
         if len(result) == 3:
             metadata = result[2]
             if metadata is not None and not isinstance(metadata, Mapping):

@@ -1,47 +1,30 @@
 """``GeminiStrategy``: call an :class:`LLMModel`, parse the answer, and correct invalid structured output.
 
-Also home of the structured-output helpers shared by every strategy: :func:`pydantic_json_parser` (parse
-an ``LLMResponse`` into a pydantic type, raising ``InvalidOutputError``) and :func:`mock_output` (a
-schema-shaped placeholder for dry runs).
+Also home of :func:`pydantic_json_parser` (parse an ``LLMResponse`` into a pydantic type, raising
+``InvalidOutputError``), shared by every strategy; dry-run mocks live in :mod:`.dry_run`.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import enum
-import inspect
+import hashlib
 import json
-import random
 import re
-import types as _pytypes
-import typing
-import uuid
 from collections.abc import Callable
-from decimal import Decimal
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from prefect_batchllm.core.errors import InvalidOutputError, attach_token_usage
-from prefect_batchllm.core.schema_fake import fake_for_schema
+from prefect_batchllm.core.identity import callable_identity, schema_identity
+from prefect_batchllm.core.strategy import DRY_RUN_TEXT, MOCK_USAGE, LLMCallStrategy, RetryState, TOutput
 from prefect_batchllm.core.tokens import TokenUsage
 from prefect_batchllm.models.base import LLMModel, LLMResponse
-from prefect_batchllm.strategies.base import (
-    DRY_RUN_TEXT,
-    MOCK_USAGE,
-    LLMCallStrategy,
-    RetryState,
-    TOutput,
-    callable_identity,
-    schema_identity,
-)
+from prefect_batchllm.strategies.dry_run import mock_output
 
 __all__ = [
     "CORRECTION_STATE_KEY",
     "GeminiStrategy",
-    "mock_output",
     "pydantic_json_parser",
-    "usage_of_response",
 ]
 
 T = TypeVar("T")
@@ -50,11 +33,6 @@ T = TypeVar("T")
 CORRECTION_STATE_KEY = "last_validation_error"
 _FENCE = re.compile(r"^\s*```(?:json)?\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
 _MAX_ERROR_CHARS = 600
-
-
-def usage_of_response(response: LLMResponse) -> TokenUsage:
-    """The billed tokens of an :class:`LLMResponse` (kept for compatibility: ``response.token_usage()``)."""
-    return response.token_usage()
 
 
 def _strip_fences(text: str) -> str:
@@ -86,7 +64,7 @@ def pydantic_json_parser(output_type: type[T] | Any) -> Callable[[LLMResponse], 
         if parsed is not None and isinstance(output_type, type) and isinstance(parsed, output_type):
             return parsed  # type: ignore[return-value]
         try:
-            return adapter.validate_json(_strip_fences(response.text or ""))
+            return cast(T, adapter.validate_json(_strip_fences(response.text or "")))
         except ValidationError as exc:
             raise InvalidOutputError(
                 f"answer does not match {getattr(output_type, '__name__', output_type)}: {_short_error(exc)}",
@@ -101,149 +79,6 @@ def pydantic_json_parser(output_type: type[T] | Any) -> Callable[[LLMResponse], 
 
 def _text_parser(response: LLMResponse) -> str:
     return response.text
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Schema-shaped mocks for dry runs.
-
-
-class _FirstChoice(random.Random):
-    """A ``Random`` that always makes the first / lowest choice: boring, reproducible mock values
-    (first enum member, lower numeric bound, ``name-000000`` strings)."""
-
-    def random(self) -> float:
-        return 0.0
-
-    def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int:  # type: ignore[override]
-        return 0 if stop is None else start
-
-    def getrandbits(self, k: int) -> int:
-        return 0
-
-
-def _unwrap_output_spec(spec: Any) -> Any:
-    """The output type behind a pydantic-ai output spec: ``NativeOutput(M)``/``PromptedOutput(M)``
-    (``.outputs``), ``ToolOutput(M)`` (``.output``), ``TextOutput`` (text), an output function (its return
-    annotation) or a list of those (the first)."""
-    for _ in range(8):
-        if isinstance(spec, list | tuple):
-            if not spec:
-                return str
-            spec = spec[0]
-        elif type(spec).__module__.startswith("pydantic_ai"):
-            if hasattr(spec, "outputs"):
-                spec = spec.outputs
-            elif hasattr(spec, "output"):
-                spec = spec.output
-            elif hasattr(spec, "output_function"):
-                return str
-            else:
-                return spec
-        elif inspect.isfunction(spec) or inspect.ismethod(spec):
-            try:
-                return typing.get_type_hints(spec).get("return", str)
-            except Exception:
-                return str
-        else:
-            return spec
-    return spec
-
-
-def _drop_defaulted(schema: Any) -> Any:
-    """The schema without optional properties that have a default, so validation fills the default in."""
-    if isinstance(schema, list):
-        return [_drop_defaulted(v) for v in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _drop_defaulted(v) for k, v in schema.items()}
-    props = out.get("properties")
-    if isinstance(props, dict):
-        required = set(out.get("required") or [])
-        out["properties"] = {
-            k: v for k, v in props.items() if k in required or not (isinstance(v, dict) and "default" in v)
-        }
-    return out
-
-
-def mock_output(output_type: Any, _depth: int = 0) -> Any:
-    """A placeholder value of ``output_type`` that validates against it (dry runs).
-
-    The type's JSON schema is faked by :func:`~prefect_batchllm.core.schema_fake.fake_for_schema`
-    (constraints, nesting, dataclasses, TypedDicts, tuples and unions included; defaults kept) and validated
-    into the type. pydantic-ai output specs (``NativeOutput(M)``, ``ToolOutput(M)``, ``[A, B]``) are
-    unwrapped first; a JSON schema dict is faked as is. Types without a JSON schema get a best-effort value.
-    """
-    output_type = _unwrap_output_spec(output_type)
-    if output_type is Any or output_type is str:
-        return DRY_RUN_TEXT if _depth == 0 else "mock"
-    if output_type is None or output_type is type(None):
-        return None
-    if isinstance(output_type, BaseModel):  # a google.genai ``Schema`` object
-        return fake_for_schema(output_type.model_dump(mode="json", exclude_none=True), _FirstChoice())
-    if isinstance(output_type, dict):
-        return fake_for_schema(output_type, _FirstChoice())
-    try:
-        adapter: TypeAdapter[Any] = TypeAdapter(output_type)
-        schema = _drop_defaulted(adapter.json_schema())
-        return adapter.validate_python(fake_for_schema(schema, _FirstChoice()))
-    except Exception:
-        return _fallback_mock(output_type, _depth)
-
-
-def _fallback_mock(output_type: Any, _depth: int = 0) -> Any:
-    """Best-effort placeholder for types without a usable JSON schema (built field by field)."""
-    if _depth > 6:
-        return None
-    if output_type is None or output_type is type(None):
-        return None
-    if output_type is Any or output_type is str:
-        return DRY_RUN_TEXT if _depth == 0 else "mock"
-    origin = get_origin(output_type)
-    args = get_args(output_type)
-    if origin is Literal:
-        return args[0] if args else None
-    if origin in (Union, _pytypes.UnionType):
-        non_none = [a for a in args if a is not type(None)]
-        return _fallback_mock(non_none[0], _depth + 1) if non_none else None
-    if origin is not None and str(origin).endswith("Annotated"):
-        return _fallback_mock(args[0], _depth)
-    if origin in (list, set, frozenset, tuple) or output_type in (list, set, frozenset, tuple):
-        item = _fallback_mock(args[0], _depth + 1) if args and args[0] is not Ellipsis else None
-        values = [item] if args else []
-        return (origin or output_type)(values) if (origin or output_type) is not list else values
-    if origin is dict or output_type is dict:
-        return {}
-    if isinstance(output_type, type):
-        if issubclass(output_type, BaseModel):
-            values: dict[str, Any] = {}
-            for name, field in output_type.model_fields.items():
-                if not field.is_required():
-                    values[name] = field.get_default(call_default_factory=True)
-                else:
-                    values[name] = _fallback_mock(field.annotation, _depth + 1)
-            return output_type.model_construct(**values)
-        if issubclass(output_type, enum.Enum):
-            return next(iter(output_type))
-        if issubclass(output_type, bool):
-            return False
-        if issubclass(output_type, int):
-            return 0
-        if issubclass(output_type, float):
-            return 0.0
-        if issubclass(output_type, Decimal):
-            return Decimal(0)
-        if issubclass(output_type, _dt.datetime):
-            return _dt.datetime(2000, 1, 1, tzinfo=_dt.UTC)
-        if issubclass(output_type, _dt.date):
-            return _dt.date(2000, 1, 1)
-        if issubclass(output_type, uuid.UUID):
-            return uuid.UUID(int=0)
-        if issubclass(output_type, str):
-            return "mock"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------
 
 
 class GeminiStrategy(LLMCallStrategy[TOutput]):
@@ -426,8 +261,6 @@ class GeminiStrategy(LLMCallStrategy[TOutput]):
 
     def fingerprint(self) -> str:
         """Model fingerprint plus parser, schema and generation settings (a change re-runs items)."""
-        import hashlib
-
         parser = self.response_parser
         parts = [
             super().fingerprint(),

@@ -14,18 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 from prefect_batchllm.core.errors import attach_token_usage
+from prefect_batchllm.core.identity import callable_identity, schema_identity
 from prefect_batchllm.core.pricing import bare_model_name
+from prefect_batchllm.core.strategy import MOCK_USAGE, LLMCallStrategy, RetryState, TOutput
 from prefect_batchllm.core.tokens import TokenUsage
 from prefect_batchllm.models.gemini import register_client_key
-from prefect_batchllm.strategies.base import (
-    MOCK_USAGE,
-    LLMCallStrategy,
-    RetryState,
-    TOutput,
-    callable_identity,
-    schema_identity,
-)
-from prefect_batchllm.strategies.gemini import mock_output
+from prefect_batchllm.strategies.dry_run import mock_output
 
 __all__ = ["AgentFactoryStrategy", "PydanticAIStrategy", "agent_model_name", "usage_from_run"]
 
@@ -159,7 +153,7 @@ class PydanticAIStrategy(LLMCallStrategy[TOutput]):
     @property
     def batch_model(self) -> str:
         """The model name the batch job is created for."""
-        return self._batch_spec().model.model
+        return str(self._batch_spec().model.model)
 
     async def batch_request(self, prompt: Any) -> tuple[Any, Any]:
         """``(contents, GenerateContentConfig)`` of the single call this agent's run makes: its
@@ -290,11 +284,12 @@ class _AgentBatchSpec:
         from pydantic import TypeAdapter
 
         from prefect_batchllm.models.gemini import GeminiModel
-        from prefect_batchllm.strategies.gemini import _text_parser, _unwrap_output_spec, pydantic_json_parser
+        from prefect_batchllm.strategies.dry_run import unwrap_output_spec
+        from prefect_batchllm.strategies.gemini import _text_parser, pydantic_json_parser
 
         fix = "keep this agent with execution='online', or use GeminiStrategy for batch jobs"
         model = getattr(agent, "model", None)
-        client = getattr(model, "client", None)
+        client: Any = getattr(model, "client", None)
         if not hasattr(client, "aio") or not hasattr(client, "batches"):
             raise TypeError(
                 f"PydanticAIStrategy cannot run with execution='batch_api': the agent's model "
@@ -352,7 +347,7 @@ class _AgentBatchSpec:
                 f"PydanticAIStrategy cannot run with execution='batch_api': the agent has several output "
                 f"types ({outputs!r}); one response schema needs one type (e.g. a Union in one model); {fix}"
             )
-        output_type = _unwrap_output_spec(spec)
+        output_type = unwrap_output_spec(spec)
         if output_type is str:
             parse: Callable[[Any], Any] = _text_parser
         else:
@@ -366,7 +361,7 @@ class _AgentBatchSpec:
             config.update(response_mime_type="application/json", response_json_schema=schema)
             parse = pydantic_json_parser(output_type)
         gemini = GeminiModel(
-            bare_model_name(str(model.model_name)), client, system_instruction=system or None
+            bare_model_name(str(getattr(model, "model_name", ""))), client, system_instruction=system or None
         )
         return cls(gemini, client, settings.get("temperature"), config, cached, parse)
 

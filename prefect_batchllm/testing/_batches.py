@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._schema import key_of
+from prefect_batchllm.core.schema_fake import key_of
 from ._wire import (
     Reply,
     content_chars,

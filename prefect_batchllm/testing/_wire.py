@@ -12,9 +12,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-# One Duration parser for the client side (RetryInfo) and the emulator (cache ttl); re-exported here.
-from prefect_batchllm.core.errors import parse_duration as parse_duration
-
 STATUS_NAMES: dict[int, str] = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",

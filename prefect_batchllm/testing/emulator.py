@@ -72,6 +72,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from prefect_batchllm.core.errors import parse_duration
+from prefect_batchllm.core.schema_fake import fake_for_schema, key_of
+
 from ._batches import (
     DEFAULT_FILE_LIMIT_BYTES,
     DEFAULT_INLINE_LIMIT_BYTES,
@@ -83,7 +86,6 @@ from ._batches import (
     StoredFile,
     rpc_status,
 )
-from ._schema import fake_for_schema, key_of
 from ._wire import (
     CACHE_CONFLICT,
     CACHE_NOT_FOUND,
@@ -96,7 +98,6 @@ from ._wire import (
     error_reply,
     invalid_api_key_body,
     json_reply,
-    parse_duration,
     parse_rfc3339,
     rate_limit_body,
     rfc3339,
