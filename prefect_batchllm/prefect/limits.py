@@ -1058,7 +1058,7 @@ class GlobalRateLimiter:
     ``ensure=True`` creates/updates the limits from ``config`` when the limiter starts (first ``admit``);
     with ``ensure=False`` they must already exist (an operator manages them), else the first ``admit``
     raises :class:`RateLimitConfigurationError`. ``share_pause`` propagates 429 pauses across processes.
-    Usable from any event loop or thread; ``aclose()`` returns unused slots and stops the limiter.
+    Usable from any event loop or thread; ``aclose()`` returns in-flight leases and stops the limiter.
     ``on_pause(seconds)`` is called whenever a pause (a 429 wave, or one adopted from another process)
     starts or is extended; it runs on the limiter's own thread, so it must only hand off (e.g.
     ``loop.call_soon_threadsafe``) and return at once.
