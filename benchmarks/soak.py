@@ -151,8 +151,8 @@ def run_soak(
     sys.path.insert(0, str(ROOT / "tests"))
     from _prefect_server import connected, prefect_env, prefect_server  # type: ignore[import-not-found]
 
-    from prefect_batchllm.tables import read_table, write_table
     from prefect_batchllm.prefect.blocks import GeminiCachedModelBlock, GeminiCredentials
+    from prefect_batchllm.tables import read_table, write_table
     from prefect_batchllm.testing import GeminiEmulator
 
     rng = random.Random(seed)

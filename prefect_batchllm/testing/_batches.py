@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefect_batchllm.core.schema_fake import key_of
+
 from ._wire import (
     Reply,
     content_chars,
