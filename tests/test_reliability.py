@@ -405,7 +405,7 @@ async def test_flow_level_error_reaches_prefect_masked(
     key = f"sk-flow-{uuid.uuid4().hex}"
     strategy = GeminiStrategy(GeminiModel(MODEL, emulator.client(api_key=key)))
 
-    async def broken_admission(config: ProcessorConfig) -> Any:
+    async def broken_admission(config: ProcessorConfig, **options: Any) -> Any:
         raise RuntimeError(f"limits service rejected request with key={key}")
 
     monkeypatch.setattr(flows, "_admission_for", broken_admission)
