@@ -39,6 +39,7 @@ from prefect_batchllm.dataframe import (
     output_model,
     row_ids,
 )
+from prefect_batchllm.models.gemini_batch import PENDING_CATEGORY
 from prefect_batchllm.tables import read_table, write_table
 
 __all__ = ["failed_rows_of", "origin_parameters", "rerun_failed"]
@@ -78,7 +79,10 @@ def origin_parameters(flow_run_id: str | UUID) -> dict[str, Any]:
 
 
 def failed_rows_of(flow_run_id: str | UUID) -> list[str]:
-    """Ids of the rows that failed in a run, from the newest ``*-failed-rows`` artifact it published."""
+    """Ids of the rows that failed in a run, from the newest ``*-failed-rows`` artifact it published.
+
+    Rows still in a running Gemini batch job (``batch_pending``) are not failures: a new run of the
+    deployment collects them from that job; re-requesting them here would pay for them twice."""
     run_id = UUID(str(flow_run_id))
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
@@ -90,7 +94,12 @@ def failed_rows_of(flow_run_id: str | UUID) -> list[str]:
     for artifact in artifacts:
         if artifact.key and artifact.key.endswith("-failed-rows"):
             data = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-            return [str(i) for i in data["item_id"]]
+            categories = data.get("category") or [None] * len(data["item_id"])
+            return [
+                str(i)
+                for i, category in zip(data["item_id"], categories, strict=True)
+                if category != PENDING_CATEGORY
+            ]
     raise ValueError(
         f"flow run {flow_run_id} published no failed-rows artifact: it did not finish writing its output "
         "(crashed or still running). Start a new run of the same deployment instead: rows that completed "
@@ -148,6 +157,7 @@ def rerun_failed(flow_run_id: str, fail_on_item_failure: bool = True) -> dict[st
         fail_on_item_failure=fail_on_item_failure,
         artifact_key=prefix,
         chunk_size=params.get("chunk_size"),
+        timeout_per_item=float(params.get("timeout_per_item") or 120.0),
     )
     frame, result = enrich_frame(
         df,

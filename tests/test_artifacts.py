@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -186,8 +187,15 @@ async def test_run_publishes_summary_failed_table_and_progress() -> None:
 
 
 async def _task_run(task_run_id: str) -> Any:
+    """The task run once its final state has reached the API: task-run states arrive as events, which
+    lag behind the flow's return on a loaded machine (seen: still Running right after the flow ended)."""
     async with get_client() as client:
-        return await client.read_task_run(uuid.UUID(task_run_id))
+        for _ in range(120):
+            task_run = await client.read_task_run(uuid.UUID(task_run_id))
+            if task_run.state is not None and task_run.state.is_final():
+                return task_run
+            await asyncio.sleep(0.5)
+        return task_run
 
 
 @pytest.mark.usefixtures("prefect_api")

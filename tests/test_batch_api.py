@@ -714,3 +714,36 @@ def test_items_of_two_models_become_one_job_each_and_keep_input_order(emulator: 
         u = r.token_usage
         expected += price.cost(u["input_tokens"], u["output_tokens"]) / 2
     assert result.estimated_cost_usd == pytest.approx(expected)
+
+
+def test_malformed_and_overlong_prompts_are_invalid_input_and_never_join_a_job(
+    emulator: GeminiEmulator,
+) -> None:
+    from prefect_batchllm.core.model_limits import register_input_limit
+
+    emu = emulator
+    emu.batch_delay = 0.05
+    tag = _tag()
+    strategy = GeminiStrategy(GeminiModel("gemini-test-small", emu.client()))
+    items = [
+        LLMWorkItem("none-part", strategy, [None]),
+        LLMWorkItem("too-long", strategy, f"({tag}) " + "word " * 2000),
+        LLMWorkItem("fine", strategy, f"({tag}) a fine prompt"),
+    ]
+    register_input_limit("gemini-test-small", 1000)
+    try:
+        result = run_batch(items, ProcessorConfig(execution="batch_api", **FAST))
+    finally:
+        register_input_limit("gemini-test-small", None)
+    by_id = result.by_id()
+    for item_id in ("none-part", "too-long"):
+        assert (by_id[item_id].error_category, by_id[item_id].attempts) == ("invalid_input", 0), by_id[
+            item_id
+        ]
+    assert by_id["fine"].success
+    assert len(emu.batch_requests()) == 1  # only the sendable prompt went into the job
+
+
+def test_a_budget_cannot_be_combined_with_batch_jobs() -> None:
+    with pytest.raises(ValueError, match="max_cost_usd"):
+        ProcessorConfig(execution="batch_api", max_cost_usd=1.0)

@@ -130,3 +130,25 @@ async def test_limiter_pauses_become_one_started_and_one_ended_event() -> None:
     from_limiter_thread(5.0)  # after close: ignored
     await asyncio.sleep(0.1)
     assert len(got) == 4
+
+
+async def test_rows_still_in_a_batch_job_are_not_failures(emitted: list) -> None:
+    """``batch_pending`` rows (their Gemini job still runs) raise no item.failed event and no failure rate."""
+    from prefect_batchllm import BatchResult, WorkItemResult
+    from prefect_batchllm.prefect.events import batch_completed_data
+
+    bridge = PrefectEventBridge(uuid.uuid4(), flow_run_name="patient-heron")
+    results = [WorkItemResult("a", True, output="x")] + [
+        WorkItemResult(f"p{i}", False, error="still running", error_category="batch_pending")
+        for i in range(3)
+    ]
+    data = batch_completed_data(BatchResult(results=results))
+    assert (data["failed"], data["pending"], data["failure_rate"]) == (0, 3, 0.0)
+    await bridge.on_event(
+        ProcessingEvent.ITEM_FAILED, {"item_id": "p0", "error_category": "batch_pending", "error": "x"}
+    )
+    await bridge.on_event(ProcessingEvent.BATCH_COMPLETED, data)
+    assert [e["event"] for e in emitted] == ["prefect-batchllm.batch.completed"]
+    labels = emitted[0]["resource"]
+    assert labels["prefect-batchllm.failure-rate-above-5pct"] == "false"
+    assert labels["prefect-batchllm.outcome"] == "succeeded"

@@ -493,3 +493,11 @@ class ProcessorConfig:
                 "chunk_size",
                 "cannot be combined with execution='batch_api' (batch jobs are their own chunks); drop it",
             )
+            _require(
+                self.max_cost_usd is None,
+                own,
+                "max_cost_usd",
+                "cannot be combined with execution='batch_api' yet (a submitted job is billed whole, so "
+                "the budget cannot stop it part-way); check the cost first with estimate_batch(items), "
+                "or drop it",
+            )

@@ -40,13 +40,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.results import ResultStore
 
-from prefect_batchllm.core.attempt import AttemptFailed, _call_on_error
+from prefect_batchllm.core.attempt import AttemptFailed, _call_on_error, check_prompt
 from prefect_batchllm.core.config import ProcessorConfig
 from prefect_batchllm.core.errors import (
     DefaultErrorClassifier,
     ErrorCategory,
     ErrorClassifier,
     ErrorInfo,
+    InvalidInputError,
     describe_error,
     token_usage_of,
 )
@@ -425,6 +426,11 @@ class BatchApiStep:
             requests: list[BatchRequest] = []
             planned: list[LLMWorkItem[Any, Any]] = []
             for item in group:
+                try:  # malformed or over-long prompts fail invalid_input, never sent (as online)
+                    check_prompt(strategy, item.prompt)
+                except InvalidInputError as exc:
+                    unplanned.append((item, self._failure(item, exc, attempted=False)))
+                    continue
                 try:
                     contents, request_config = await strategy.batch_request(item.prompt)  # type: ignore[attr-defined]
                 except Exception as exc:
@@ -633,10 +639,14 @@ class BatchApiStep:
         exc: BaseException,
         message: str | None = None,
         metadata: dict[str, Any] | None = None,
+        *,
+        attempted: bool = True,
     ) -> BatchOutcome:
-        """A classified failure, with the tokens the failed answer was billed (e.g. a blocked answer)."""
+        """A classified failure, with the tokens the failed answer was billed (e.g. a blocked answer);
+        ``attempted=False``: the item was never sent (attempts stay 0)."""
         ledger = self.run.ledger(item.item_id)
-        ledger.attempts = max(ledger.attempts, 1)
+        if attempted:
+            ledger.attempts = max(ledger.attempts, 1)
         billed = token_usage_of(exc)
         if billed:
             ledger.token_usage = normalize_usage(billed)

@@ -7,7 +7,8 @@ and emits these Prefect events (``prefect.events.emit_event``), named ``prefect-
 name                        payload
 ==========================  ===========================================================================
 ``batch.started``           ``total``, ``max_workers``
-``batch.completed``         ``total``, ``succeeded``, ``failed``, ``failure_rate`` (0-1),
+``batch.completed``         ``total``, ``succeeded``, ``failed``, ``pending`` (rows still in a running
+                            Gemini batch job: not failures, no item.failed event), ``failure_rate`` (0-1),
                             ``estimated_cost_usd``, ``cache_hit_rate`` (percent), tokens, ``replayed``,
                             ``error_categories``, ``wall_time_s``, ``item_failed_events_suppressed``
 ``item.failed``             ``item_id``, ``category``, ``error``, ``attempts``
@@ -47,6 +48,7 @@ from prefect.context import FlowRunContext
 from prefect.events import emit_event
 
 from prefect_batchllm.core.events import EventDispatcher, ProcessingEvent
+from prefect_batchllm.models.gemini_batch import PENDING_CATEGORY
 
 if TYPE_CHECKING:
     from prefect_batchllm.core.items import BatchResult
@@ -88,11 +90,14 @@ def batch_resource_id(flow_run_id: Any) -> str:
 def batch_completed_data(batch: BatchResult[Any, Any]) -> dict[str, Any]:
     """The ``BATCH_COMPLETED`` data: counts, failure rate (0-1), cost, cache hit rate, tokens."""
     total = batch.total_items
+    pending = batch.error_categories().get(PENDING_CATEGORY, 0)  # still in a running Gemini batch job
+    failed = batch.failed - pending
     return {
         "total": total,
         "succeeded": batch.succeeded,
-        "failed": batch.failed,
-        "failure_rate": round(batch.failed / total, 6) if total else 0.0,
+        "failed": failed,
+        "pending": pending,
+        "failure_rate": round(failed / total, 6) if total else 0.0,
         "replayed": sum(1 for r in batch.results if r.replayed),
         "estimated_cost_usd": round(batch.estimated_cost_usd, 8),
         "cache_hit_rate": round(batch.cache_hit_rate(), 4),
@@ -193,6 +198,8 @@ class PrefectEventBridge:
             return
         resource = self.resource
         if event is ProcessingEvent.ITEM_FAILED:
+            if data.get("error_category") == PENDING_CATEGORY:  # not a failure: its batch job still runs
+                return
             if self.item_events >= self.max_item_events:
                 self.suppressed += 1
                 return
