@@ -147,7 +147,8 @@ def _safety_ratings(metadata: dict[str, Any]) -> dict[str, str] | None:
     return {str(k): str(v) for k, v in ratings.items()} if isinstance(ratings, dict) and ratings else None
 
 
-def _classify(classifier: ErrorClassifier, exc: BaseException) -> ErrorInfo:
+def classify_error(classifier: ErrorClassifier, exc: BaseException) -> ErrorInfo:
+    """The classifier's verdict; a classifier that raises gives ``unknown`` (retryable), never an escape."""
     try:
         return classifier.classify(exc)
     except Exception as classifier_exc:  # a buggy user classifier must not lose the item's outcome
@@ -155,7 +156,7 @@ def _classify(classifier: ErrorClassifier, exc: BaseException) -> ErrorInfo:
         return ErrorInfo(ErrorCategory.UNKNOWN, True, reason=describe_error(exc))
 
 
-async def _call_on_error(
+async def call_on_error(
     strategy: LLMCallStrategy[Any], exc: Exception, attempt: int, state: RetryState
 ) -> None:
     try:
@@ -229,8 +230,8 @@ async def _execute_once(
 
     if isinstance(error, BlockedResponseError) and error.safety_ratings:
         ledger.safety_ratings = dict(error.safety_ratings)
-    await _call_on_error(strategy, error, attempt, ledger.state)
-    info = _classify(classifier, error)
+    await call_on_error(strategy, error, attempt, ledger.state)
+    info = classify_error(classifier, error)
     if info.is_rate_limit and info.is_retryable:
         raise _RateLimited(info, error)
     failure = AttemptFailed(ledger.item_id, attempt, info, describe_error(error))
@@ -263,7 +264,9 @@ async def run_attempt(
         try:
             check_prompt(strategy, prompt)
         except InvalidInputError as exc:  # never sent: the item keeps attempts=0
-            failure = AttemptFailed(ledger.item_id, attempt, _classify(classifier, exc), describe_error(exc))
+            failure = AttemptFailed(
+                ledger.item_id, attempt, classify_error(classifier, exc), describe_error(exc)
+            )
             ledger.last_error, ledger.last_exception = failure, exc
             raise failure from None
     if stop is not None:
@@ -299,13 +302,13 @@ async def run_attempt(
                     f"(max_rate_limit_retries={config.retry.max_rate_limit_retries}); "
                     f"last: {describe_error(limited.error)}"
                 )
-                info = _classify(classifier, exceeded)
+                info = classify_error(classifier, exceeded)
                 failure = AttemptFailed(ledger.item_id, attempt, info, describe_error(exceeded))
                 ledger.last_error = failure
                 ledger.last_exception = exceeded
                 exceeded.__cause__ = limited.error
                 raise failure from limited.error
-            await _pause_after_rate_limit(limited.info, config, admission, on_rate_limit)
+            await pause_after_rate_limit(limited.info, config, admission, on_rate_limit)
 
 
 def _not_attempted(ledger: ItemLedger, attempt: int, stopped: BatchStopped) -> AttemptFailed:
@@ -357,7 +360,7 @@ def check_prompt(strategy: LLMCallStrategy[Any], prompt: Any) -> None:
             )
 
 
-async def _pause_after_rate_limit(
+async def pause_after_rate_limit(
     info: ErrorInfo, config: ProcessorConfig, admission: Admission, on_rate_limit: RateLimitHook | None
 ) -> None:
     """Tell the admission (shared pause) and wait at least the provider's delay before re-admission.

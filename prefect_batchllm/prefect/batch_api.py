@@ -40,7 +40,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.results import ResultStore
 
-from prefect_batchllm.core.attempt import AttemptFailed, _call_on_error, check_prompt
+from prefect_batchllm.core.attempt import AttemptFailed, call_on_error, check_prompt
 from prefect_batchllm.core.config import ProcessorConfig
 from prefect_batchllm.core.errors import (
     DefaultErrorClassifier,
@@ -616,7 +616,7 @@ class BatchApiStep:
             output, usage, metadata = job.strategy.parse_batch_response(answer.response)
         except Exception as exc:  # blocked, empty or invalid answers: billed at batch prices
             # As after an online attempt: the strategy may note a correction for the follow-up attempt.
-            await _call_on_error(job.strategy, exc, 1, ledger.state)
+            await call_on_error(job.strategy, exc, 1, ledger.state)
             return self._failure(item, exc, metadata=billed)
         ledger.token_usage = normalize_usage(usage)
         ratings = metadata.get("safety_ratings") if isinstance(metadata.get("safety_ratings"), dict) else None

@@ -36,9 +36,15 @@ from prefect.logging import get_run_logger
 from prefect.results import ResultStore, get_result_store
 
 from prefect_batchllm.core.admission import Admission
-from prefect_batchllm.core.attempt import AttemptFailed, ItemLedger, _pause_after_rate_limit, run_attempt
+from prefect_batchllm.core.attempt import (
+    AttemptFailed,
+    ItemLedger,
+    classify_error,
+    pause_after_rate_limit,
+    run_attempt,
+)
 from prefect_batchllm.core.config import ProcessorConfig
-from prefect_batchllm.core.errors import ErrorCategory, ErrorClassifier, ErrorInfo, describe_error, redact
+from prefect_batchllm.core.errors import ErrorClassifier, ErrorInfo, describe_error, redact
 from prefect_batchllm.core.events import EventDispatcher, ProcessingEvent
 from prefect_batchllm.core.identity import sha256_of
 from prefect_batchllm.core.items import BatchResult, LLMWorkItem, WorkItemResult
@@ -190,10 +196,7 @@ async def call_lifecycle_hook(run: BatchRun, label: str, strategy: LLMCallStrate
             await getattr(strategy, hook)()
             return
         except Exception as exc:
-            try:
-                info = run.classifier.classify(exc)
-            except Exception:  # a buggy user classifier must not hide the failure
-                info = ErrorInfo(ErrorCategory.UNKNOWN, True, reason=describe_error(exc))
+            info = classify_error(run.classifier, exc)
             message = describe_error(exc)
             if info.is_rate_limit and info.is_retryable and rate_limits < config.retry.max_rate_limit_retries:
                 rate_limits += 1
@@ -220,7 +223,7 @@ async def call_lifecycle_hook(run: BatchRun, label: str, strategy: LLMCallStrate
         if failure is not None:
             raise failure
         if info.is_rate_limit and info.is_retryable:
-            await _pause_after_rate_limit(info, config, run.admission, None)
+            await pause_after_rate_limit(info, config, run.admission, None)
         else:
             await asyncio.sleep(delay)
             attempt += 1
