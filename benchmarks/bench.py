@@ -34,6 +34,7 @@ at its end.
     make bench BENCH_ARGS="--items 100000"
     make bench BENCH_ARGS="--only streaming --rows 1000000 --latency 0.005"
     python -m benchmarks.bench --only floor,chunked --items 2000
+    python -m benchmarks.bench --only floor,chunked@/work/main,chunked   # before/after: name@CHECKOUT
 """
 
 from __future__ import annotations
@@ -591,7 +592,7 @@ def _fmt_row(row: Row, floor_rate: float | None) -> str:
         return f"| {m.name} | {m.items:,} | - | - | - | - | - | - | - | {row.load:.2f} |  {why}"
     per = 1000.0 / m.items if m.items else 0.0
     ratio = f"{row.rate / floor_rate:.2f}" if floor_rate else "-"
-    server = f"{m.server_cpu_s * per:.2f}" if m.name in _USES_PREFECT else "-"
+    server = f"{m.server_cpu_s * per:.2f}" if m.name.partition("@")[0] in _USES_PREFECT else "-"
     rss = m.client_rss_mb + m.server_rss_mb
     items = f"{m.succeeded:,}" if m.succeeded == m.items else f"{m.succeeded:,}/{m.items:,}"
     api = sum(m.api_calls.values())
@@ -616,7 +617,7 @@ def _details(row: Row) -> str:
     parts.append(f"statuses {row.server.get('statuses')}")
     if m.items:
         parts.append(f"server-side emulator CPU {row.emulator_cpu_s * 1000 / m.items:.2f} ms/item")
-    if m.name in _USES_PREFECT and not (m.skipped or m.error):
+    if m.name.partition("@")[0] in _USES_PREFECT and not (m.skipped or m.error):
         parts.append(f"API start-up CPU {m.server_startup_cpu_s:.1f} s")
         top = ", ".join(f"{k} {v}" for k, v in list(m.api_calls.items())[:6])
         parts.append(f"API calls: {top or 'none'}")
@@ -627,16 +628,18 @@ def _details(row: Row) -> str:
 
 
 def _run_one(name: str, args: argparse.Namespace, emulator: EmulatorProcess, scratch: Path) -> Row:
-    base = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=scratch))
+    base = Path(tempfile.mkdtemp(prefix=f"{re.sub(r'[^a-z-]', '_', name)}-", dir=scratch))
     home = base / "prefect-home"
     home.mkdir()
     result_file = base / "result.json"
     env = {**os.environ, "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
+    name, _, code = name.partition("@")  # "chunked@/work/main": that checkout's prefect_batchllm
+    if code:
+        env["PYTHONPATH"] = str(Path(code).resolve())
     command = [
         sys.executable,
-        "-m",
-        "benchmarks.bench",
+        str(Path(__file__).resolve()),  # as a script, so the cwd's package never shadows PYTHONPATH
         "--contender",
         name,
         "--base-url",
@@ -662,9 +665,7 @@ def _run_one(name: str, args: argparse.Namespace, emulator: EmulatorProcess, scr
     timeout = args.timeout or 300 + n * 0.05
     log = base / "stderr.log"
     with log.open("w") as err:
-        proc = subprocess.Popen(
-            command, env=env, stdout=err, stderr=err, start_new_session=True, cwd=Path(__file__).parents[1]
-        )
+        proc = subprocess.Popen(command, env=env, stdout=err, stderr=err, start_new_session=True, cwd=base)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -675,6 +676,8 @@ def _run_one(name: str, args: argparse.Namespace, emulator: EmulatorProcess, scr
         os.killpg(proc.pid, signal.SIGKILL)
     if result_file.exists():
         measured = Measured(**json.loads(result_file.read_text()))
+        if code:
+            measured.name = f"{name}@{code}"
     else:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         measured = Measured(name, items=n, error=f"exit {proc.returncode}: " + " | ".join(tail))
@@ -723,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_contender(args)
 
     names = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(CONTENDERS))
+    unknown = sorted({n.partition("@")[0] for n in names} - set(CONTENDERS))
     if unknown:
         parser.error(f"unknown contender(s) {unknown}; choose from {', '.join(CONTENDERS)}")
     scratch = Path(tempfile.mkdtemp(prefix="batchllm-bench-"))
@@ -746,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             row = _run_one(name, args, emulator, scratch)
             rows.append(row)
-            if name == "floor" and row.rate > 0:
+            if name == "floor" and row.rate > 0 and floor_rate is None:
                 floor_rate = row.rate
             print(_fmt_row(row, floor_rate), flush=True)
     finally:
