@@ -245,14 +245,23 @@ class EmulatorProcess:
 class ClientFactory:
     """A picklable zero-argument factory of ``genai.Client``s for the server (Dask workers rebuild it)."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, keepalive: int | None = None) -> None:
         self.base_url = base_url
+        self.keepalive = keepalive
 
     def __call__(self) -> Any:
         from google import genai
         from google.genai import types
 
-        options = types.HttpOptions(base_url=self.base_url, api_version="v1beta", retry_options=None)
+        extra: dict[str, Any] = {}
+        if self.keepalive:  # right-size httpx's pool (default: 100 connections, 20 kept alive)
+            import httpx
+
+            limits = httpx.Limits(
+                max_connections=max(100, self.keepalive), max_keepalive_connections=self.keepalive
+            )
+            extra["async_client_args"] = {"limits": limits}
+        options = types.HttpOptions(base_url=self.base_url, api_version="v1beta", retry_options=None, **extra)
         return genai.Client(vertexai=False, api_key="bench-key", http_options=options)
 
 
@@ -344,12 +353,12 @@ async def _start_api() -> None:
 def _items(args: argparse.Namespace, n: int) -> list[Any]:
     from prefect_batchllm import GeminiModel, GeminiStrategy, LLMWorkItem
 
-    strategy = GeminiStrategy(GeminiModel(args.model, ClientFactory(args.base_url)))
+    strategy = GeminiStrategy(GeminiModel(args.model, ClientFactory(args.base_url, args.keepalive)))
     return [LLMWorkItem(item_id=f"i{i:07d}", strategy=strategy, prompt=_prompt(i)) for i in range(n)]
 
 
 async def _run_floor(args: argparse.Namespace, n: int, out: Measured) -> Any:
-    client = ClientFactory(args.base_url)()
+    client = ClientFactory(args.base_url, args.keepalive)()
     prompts = [_prompt(i) for i in range(n)]
 
     async def run() -> int:
@@ -372,7 +381,7 @@ async def _run_abl(args: argparse.Namespace, n: int, out: Measured) -> Any:
     except ImportError as exc:
         raise _Skip(f"async-batch-llm is not installed ({exc}): run `make bench-install`") from None
     out.notes.append(f"async-batch-llm {getattr(abl, '__version__', '?')}")
-    client = ClientFactory(args.base_url)()
+    client = ClientFactory(args.base_url, args.keepalive)()
     strategy = abl.GeminiStrategy(abl.GeminiModel(args.model, client))
     prompts = [(f"i{i:07d}", _prompt(i)) for i in range(n)]
 
@@ -457,7 +466,7 @@ async def _run_streaming(args: argparse.Namespace, n: int, out: Measured) -> Any
     work.mkdir(exist_ok=True)
     source, target = work / "input.parquet", work / "output.parquet"
     write_parquet_table(source, n)
-    strategy = GeminiStrategy(GeminiModel(args.model, ClientFactory(args.base_url)))
+    strategy = GeminiStrategy(GeminiModel(args.model, ClientFactory(args.base_url, args.keepalive)))
     config = ProcessorConfig(max_workers=args.workers, chunk_size=args.chunk_size, persist_results=True)
     wanted = {
         "prompt_template": "Summarize {title} by {author}",
@@ -658,6 +667,7 @@ def _run_one(name: str, args: argparse.Namespace, emulator: EmulatorProcess, scr
         str(args.chunk_size),
         "--model",
         args.model,
+        *(["--keepalive", str(args.keepalive)] if args.keepalive else []),
     ]
     emulator.reset()
     emu0 = emulator.cpu_s()
@@ -708,6 +718,13 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default=",".join(CONTENDERS), help=f"comma-separated subset of {CONTENDERS}"
     )
     parser.add_argument("--model", default="gemini-2.5-flash")
+    parser.add_argument(
+        "--keepalive",
+        type=int,
+        default=None,
+        help="httpx keep-alive connections of every contender's genai client (default: the SDK's, 20; "
+        "more costs more CPU: httpcore checks every idle connection per request)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds per contender (default scales)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--keep", action="store_true", help="keep each contender's PREFECT_HOME and logs")
@@ -738,7 +755,8 @@ def main(argv: list[str] | None = None) -> int:
     print(_machine(), flush=True)
     print(
         f"server: GeminiEmulator in its own process, latency {args.latency * 1000:.0f} ms; "
-        f"{args.workers} concurrent; chunk_size {args.chunk_size}",
+        f"{args.workers} concurrent; chunk_size {args.chunk_size}; "
+        f"httpx keep-alive {args.keepalive or 'SDK default (20)'}",
         flush=True,
     )
     emulator = EmulatorProcess(args.latency)
