@@ -515,6 +515,7 @@ async def _contender(args: argparse.Namespace, out: Measured) -> None:
     objects_before = count_files(storage)
     run = await RUNNERS[name](args, n, out)
     client0, server0 = _cpu_now(me)
+    reaped0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     counter.on = True
     try:
@@ -524,9 +525,17 @@ async def _contender(args: argparse.Namespace, out: Measured) -> None:
         out.wall_s = time.monotonic() - started
         client1, server1 = _cpu_now(me)
         out.client_cpu_s, out.server_cpu_s = client1 - client0, server1 - server0
-        servers, _ = _split_server(me)
+        servers, others = _split_server(me)
         out.server_rss_mb = sum(proc_hwm_mb(p) for p in servers)
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # The client's own peak, plus its other processes (Dask workers): live ones' peaks, and for those
+        # already reaped the largest one's (all the kernel keeps).
         out.client_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out.client_rss_mb += sum(proc_hwm_mb(p) for p in others) + reaped.ru_maxrss / 1024
+        child_cpu = reaped.ru_utime + reaped.ru_stime - reaped0.ru_utime - reaped0.ru_stime
+        child_cpu += sum(proc_cpu_s(p) for p in others)
+        if child_cpu > 0.05 or others:
+            out.notes.append(f"child processes (e.g. Dask workers): {child_cpu:.1f} s CPU in the run")
         out.api_calls = dict(counter.calls.most_common())
         out.events = dict(counter.events.most_common())
         out.storage_objects = count_files(storage) - objects_before
