@@ -546,6 +546,14 @@ async def _contender(args: argparse.Namespace, out: Measured) -> None:
         out.succeeded = ok
 
 
+def _describe(exc: BaseException) -> str:
+    """``Type: message``; an exception group as its distinct leaf exceptions."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = dict.fromkeys(_describe(e) for e in exc.exceptions)
+        return " | ".join(leaves)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def run_contender(args: argparse.Namespace) -> int:
     n = args.rows if args.contender == "streaming" else args.items
     if args.contender == "per-item":
@@ -556,7 +564,7 @@ def run_contender(args: argparse.Namespace) -> int:
     except _Skip as skip:
         out.skipped = str(skip)
     except BaseException as exc:  # report, never hide: the table shows the error
-        out.error = f"{type(exc).__name__}: {exc}"[:400]
+        out.error = _describe(exc)[:600]
     Path(args.result_file).write_text(json.dumps(asdict(out)))
     return 0
 
@@ -781,7 +789,10 @@ def main(argv: list[str] | None = None) -> int:
             print(_fmt_row(row, floor_rate), flush=True)
     finally:
         emulator.close()
-        shutil.rmtree(scratch, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            print(f"kept: {scratch}")
     print()
     print(HEADER)
     for row in rows:
