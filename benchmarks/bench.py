@@ -459,7 +459,10 @@ async def _run_streaming(args: argparse.Namespace, n: int, out: Measured) -> Any
     try:
         from prefect_batchllm import enrich_table_file
     except ImportError as exc:
-        raise _Skip(f"prefect_batchllm.enrich_table_file is not importable ({exc})") from None
+        try:  # not exported at the top yet: its module
+            from prefect_batchllm.streaming import enrich_table_file  # type: ignore[import-not-found,no-redef]
+        except ImportError:
+            raise _Skip(f"prefect_batchllm.enrich_table_file is not importable ({exc})") from None
     from prefect_batchllm import GeminiModel, GeminiStrategy, ProcessorConfig
 
     work = Path(os.environ["PREFECT_HOME"]).parent / "table"
