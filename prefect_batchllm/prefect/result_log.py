@@ -55,6 +55,9 @@ _READ_BATCH = 512  # objects per cat_ranges call while loading the index
 _DELTA_MAX = 50_000  # entries kept in the small dict before merging into the sorted arrays
 _COALESCE_GAP = 65_536  # bodies closer than this in one object are read with one ranged read
 
+#: Wall clock of expirations (epoch seconds); a module attribute so tests can move time forward.
+_now = time.time
+
 _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="batchllm-result-log")
 
 
@@ -185,7 +188,7 @@ class _Index:
         keep = np.ones(len(all_hashes), bool)
         keep[:-1] = all_hashes[1:] != all_hashes[:-1]  # the last of each hash group is the newest
         exp = all_rows["exp"]
-        keep &= (exp == 0) | (exp > time.time())
+        keep &= (exp == 0) | (exp > _now())
         self.hashes = np.ascontiguousarray(all_hashes[keep])
         self.rows = all_rows[keep]
 
@@ -431,7 +434,7 @@ class ResultLog:
                 f"ResultLog.add: only successful results are persisted ({result.item_id!r} failed)"
             )
         stored = dataclasses.replace(result, context=None, replayed=False)  # a copy: later edits don't leak
-        exp = time.time() + self.expiration_s if self.expiration_s is not None else 0.0
+        exp = _now() + self.expiration_s if self.expiration_s is not None else 0.0
         with self._lock:
             self._buffer.pop(key, None)
             self._buffer[key] = (stored, exp)
@@ -517,7 +520,7 @@ class ResultLog:
 
     async def lookup(self, keys: Sequence[str]) -> dict[str, WorkItemResult[Any, Any]]:
         """Stored, unexpired results for ``keys`` (missing keys are absent); full keys verified."""
-        now = time.time()
+        now = _now()
         found: dict[str, WorkItemResult[Any, Any]] = {}
         with self._lock:
             for key in keys:
@@ -540,7 +543,7 @@ class ResultLog:
         if not self._synced:
             index.sync(fs, self.records_dir)
             self._synced = True
-        now = time.time()
+        now = _now()
         with index.lock:
             locations = index.find([key_hash(key) for key in keys])
             names = index.names
