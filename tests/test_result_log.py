@@ -310,3 +310,30 @@ async def test_saved_block_slug(prefect_api: str, tmp_path: Path, monkeypatch) -
     await log.aclose()
     forget_index(monkeypatch)
     assert set(await ResultLog(log.url).lookup(["k"])) == {"k"}
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+async def test_fsspec_urls_work_as_prefect_result_storage(
+    prefect_api: str, tmp_path: Path, scheme: str
+) -> None:
+    """Prefect's own persisted results (batch-job names) take the same result_storage values."""
+    from prefect import flow, task
+
+    from prefect_batchllm.prefect.result_log import prefect_result_storage
+
+    url = f"file://{tmp_path}" if scheme == "file" else f"memory://batchllm-prefect-{tmp_path.name}"
+    calls: list[int] = []
+
+    @task(persist_result=True, cache_key_fn=lambda *_: f"result-log-{scheme}-{tmp_path.name}")
+    def double(x: int) -> int:
+        calls.append(x)
+        return 2 * x
+
+    @flow
+    async def run() -> int:
+        return double.with_options(result_storage=await prefect_result_storage(url))(21)
+
+    assert await run() == 42 and await run() == 42
+    assert calls == [21]  # the second run loaded the persisted result
+    if scheme == "file":
+        assert os.listdir(tmp_path)

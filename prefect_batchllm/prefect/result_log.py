@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import ctypes
 import dataclasses
 import hashlib
 import logging
@@ -29,6 +30,7 @@ import uuid
 import weakref
 import zlib
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -50,7 +52,7 @@ _PREFIX = struct.Struct("<8sIQI")  # magic, entries, total length, CRC32(prefix[
 _DISK = np.dtype([("hash", "<u8"), ("exp", "<f8"), ("off", "<u4"), ("len", "<u4"), ("crc", "<u4")])
 _ROW = np.dtype([("exp", "<f8"), ("rec", "<u4"), ("off", "<u4"), ("len", "<u4"), ("crc", "<u4")])
 _MAX_OBJECT = 1 << 30  # bodies per object stay well inside the u4 offsets
-_HEADER_GUESS = 16_384  # first ranged read per object; larger headers get a second read
+_HEADER_GUESS = 8_192  # first ranged read per object (fits 291 entries); larger headers: a second read
 _READ_BATCH = 512  # objects per cat_ranges call while loading the index
 _DELTA_MAX = 50_000  # entries kept in the small dict before merging into the sorted arrays
 _COALESCE_GAP = 65_536  # bodies closer than this in one object are read with one ranged read
@@ -97,7 +99,7 @@ def _parse_prefix(data: bytes) -> tuple[int, int, int] | None:
     return (n, total, crc) if magic == _MAGIC else None
 
 
-def _parse_header(data: bytes, size: int | None) -> np.ndarray[Any, Any] | None:
+def _parse_header(data: bytes, size: int | None) -> bytes | None:
     """The header entries of an object from its first bytes; None when torn, truncated or corrupt."""
     parsed = _parse_prefix(data)
     if parsed is None:
@@ -109,7 +111,7 @@ def _parse_header(data: bytes, size: int | None) -> np.ndarray[Any, Any] | None:
     head = data[_PREFIX.size : end]
     if zlib.crc32(struct.pack("<IQ", n, total) + head) != crc:
         return None
-    return np.frombuffer(head, _DISK).copy()
+    return head
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,54 +145,48 @@ class _Index:
             self.rec_time.append(0)
         return rec
 
-    def add(self, name: str, header: np.ndarray[Any, Any]) -> None:
-        """Index one record (caller holds ``lock``); a record already known is ignored."""
+    def add(self, name: str, header: bytes) -> None:
+        """Index one record from its header bytes (caller holds ``lock``); known records are ignored."""
         if name in self.known or not self.loaded:
             return  # before the first sync nothing is indexed: that sync lists every record
         rec = self._register(name)
         rtime = self.rec_time
-        for h, exp, off, length, crc in header.tolist():
+        for h, exp, off, length, crc in np.frombuffer(header, _DISK).tolist():
             old = self.delta.get(h)
             if old is None or rtime[old[1]] <= rtime[rec]:
                 self.delta[h] = (exp, rec, off, length, crc)
         if len(self.delta) > max(_DELTA_MAX, len(self.hashes) // 4):
-            self._merge([])
+            self._merge(np.zeros(0, _DISK), np.zeros(0, np.uint32))
 
-    def _merge(self, parts: list[tuple[int, np.ndarray[Any, Any]]]) -> None:
-        """Rebuild the sorted arrays from themselves, the delta and new ``(rec, header)`` parts: newest
-        record wins per hash, expired entries are dropped."""
-        hashes = [self.hashes]
-        rows = [self.rows]
+    def _merge(self, entries: np.ndarray[Any, Any], recs: np.ndarray[Any, Any]) -> None:
+        """Rebuild the sorted arrays from themselves, the delta and new header ``entries`` (of records
+        ``recs``): the newest record wins per hash, expired entries are dropped."""
+        new_rows = np.empty(len(entries), _ROW)
+        for name in ("exp", "off", "len", "crc"):
+            new_rows[name] = entries[name]
+        new_rows["rec"] = recs
+        hashes = [self.hashes, entries["hash"]]
+        rows = [self.rows, new_rows]
         if self.delta:
             hashes.append(np.fromiter(self.delta.keys(), np.uint64, len(self.delta)))
             rows.append(np.array(list(self.delta.values()), _ROW))
             self.delta = {}
-        for rec, header in parts:
-            row = np.zeros(len(header), _ROW)
-            row["exp"], row["off"], row["len"], row["crc"] = (
-                header["exp"],
-                header["off"],
-                header["len"],
-                header["crc"],
-            )
-            row["rec"] = rec
-            hashes.append(header["hash"])
-            rows.append(row)
         all_hashes = np.concatenate(hashes)
         all_rows = np.concatenate(rows)
-        del hashes, rows
+        del hashes, rows, new_rows, entries
+        self.hashes = self.rows = None  # type: ignore[assignment]  # let the old arrays go first
         times = np.asarray(self.rec_time, np.int64)[all_rows["rec"]]
         order = np.lexsort((times, all_hashes))
         del times
         all_hashes = all_hashes[order]
-        all_rows = all_rows[order]
-        del order
         keep = np.ones(len(all_hashes), bool)
         keep[:-1] = all_hashes[1:] != all_hashes[:-1]  # the last of each hash group is the newest
-        exp = all_rows["exp"]
+        exp = all_rows["exp"][order]
         keep &= (exp == 0) | (exp > _now())
-        self.hashes = np.ascontiguousarray(all_hashes[keep])
-        self.rows = all_rows[keep]
+        del exp
+        self.hashes = all_hashes[keep]
+        del all_hashes
+        self.rows = all_rows[order[keep]]
 
     def sync(self, fs: Any, records_dir: str) -> None:
         """Index every record in ``records_dir`` not yet known (all of them the first time)."""
@@ -207,14 +203,23 @@ class _Index:
                     size = entry.get("size")
                     new.append((name, int(size) if size is not None else None))
             new.sort()
-            parts: list[tuple[int, np.ndarray[Any, Any]]] = []
+            # Headers go into one growing buffer: no per-record arrays to fragment the heap.
+            buf = bytearray()
+            counts: list[int] = []
+            first: list[int] = []
             for name, header in _read_headers(fs, records_dir, new):
-                if not self.loaded or len(header) > _DELTA_MAX // 4:
-                    parts.append((self._register(name), header))
+                if not self.loaded or len(header) > _DELTA_MAX:
+                    first.append(self._register(name))
+                    counts.append(len(header) // _DISK.itemsize)
+                    buf += header
                 else:
                     self.add(name, header)
-            if parts or not self.loaded:
-                self._merge(parts)
+            if first or not self.loaded:
+                recs = np.repeat(np.asarray(first, np.uint32), counts)
+                self._merge(np.frombuffer(buf, _DISK), recs)
+                del buf, recs
+                if not self.loaded:
+                    _trim_heap()
             self.loaded = True
 
     def find(self, hashes: Sequence[int]) -> list[tuple[float, int, int, int, int] | None]:
@@ -241,10 +246,18 @@ class _Index:
         return int(self.hashes.nbytes + self.rows.nbytes)
 
 
+def _trim_heap() -> None:
+    """Give the load's freed temporaries back to the OS (glibc keeps them otherwise: ~25 MB at 1M keys)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _read_headers(
     fs: Any, records_dir: str, records: Sequence[tuple[str, int | None]]
-) -> Iterable[tuple[str, np.ndarray[Any, Any]]]:
-    """``(name, header)`` of each readable record, via batched ranged reads of the objects' first bytes."""
+) -> Iterable[tuple[str, bytes]]:
+    """``(name, header bytes)`` of each readable record, by batched ranged reads of its first bytes."""
     for start in range(0, len(records), _READ_BATCH):
         batch = records[start : start + _READ_BATCH]
         paths = [f"{records_dir}/{name}" for name, _ in batch]
@@ -659,13 +672,16 @@ def location_for(storage: Any) -> tuple[str, dict[str, Any]]:
     return f"{base.rstrip('/')}/{SUBFOLDER}", options
 
 
-def prefect_result_storage(value: str) -> Any:
-    """What Prefect's own ``result_storage`` option accepts for a ``ProcessorConfig.result_storage`` value:
-    a block slug unchanged, an fsspec URL as an (unsaved) LocalFileSystem / RemoteFileSystem block."""
-    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
-
+async def prefect_result_storage(value: str) -> str | Path:
+    """What Prefect's own ``result_storage`` task option accepts for a ``ProcessorConfig.result_storage``
+    value (Prefect wants saved blocks): a block slug unchanged, a ``file://`` URL as a ``Path``, another
+    fsspec URL as a saved ``remote-file-system`` block named after the URL (saved idempotently)."""
     if "://" not in value:
         return value
     if value.startswith("file://"):
-        return LocalFileSystem(basepath=value[len("file://") :])
-    return RemoteFileSystem(basepath=value)
+        return Path(value[len("file://") :])
+    from prefect.filesystems import RemoteFileSystem
+
+    name = "batchllm-" + hashlib.sha256(value.encode()).hexdigest()[:16]
+    await RemoteFileSystem(basepath=value).save(name, overwrite=True)
+    return f"remote-file-system/{name}"
