@@ -337,3 +337,23 @@ async def test_fsspec_urls_work_as_prefect_result_storage(
     assert calls == [21]  # the second run loaded the persisted result
     if scheme == "file":
         assert os.listdir(tmp_path)
+
+
+async def test_new_logs_list_again_but_copies_of_an_older_log_reuse_the_process_index(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}"
+    log = ResultLog(url)
+    await log.add("mine", ok("mine"))
+    await log.aclose()
+    assert set(await log.lookup(["mine"])) == {"mine"}  # loads this process's index
+    # another process writes a record after that load
+    foreign = result_log.encode_record([("theirs", ok("theirs"), 0.0)])
+    write_record(Path(log.records_dir) / f"{time.time_ns():020d}-otherwriter00000-000001.blr", foreign)
+
+    copy_of_old = pickle.loads(pickle.dumps(log))  # a Dask chunk's copy of a log made long before
+    copy_of_old._since = time.time() - 3600
+    assert set(await copy_of_old.lookup(["mine", "theirs"])) == {"mine"}  # no listing: index reused
+    assert set(await ResultLog(url).lookup(["mine", "theirs"])) == {"mine", "theirs"}  # a new log lists
+
+
+def write_record(path: Path, data: bytes) -> None:
+    path.write_bytes(data)

@@ -56,6 +56,9 @@ _HEADER_GUESS = 8_192  # first ranged read per object (fits 291 entries); larger
 _READ_BATCH = 512  # objects per cat_ranges call while loading the index
 _DELTA_MAX = 50_000  # entries kept in the small dict before merging into the sorted arrays
 _COALESCE_GAP = 65_536  # bodies closer than this in one object are read with one ranged read
+#: A listing this long after a log was created (its creator's clock) surely shows every record written
+#: before: pickled copies of it (one per Dask chunk) then reuse their process's index without listing again.
+_CLOCK_SKEW_S = 30.0
 
 #: Wall clock of expirations (epoch seconds); a module attribute so tests can move time forward.
 _now = time.time
@@ -128,6 +131,7 @@ class _Index:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.loaded = False
+        self.synced_at: float | None = None  # wall time the last listing started
         self.names: list[str] = []
         self.known: dict[str, int] = {}
         self.rec_time: list[int] = []
@@ -188,9 +192,13 @@ class _Index:
         del all_hashes
         self.rows = all_rows[order[keep]]
 
-    def sync(self, fs: Any, records_dir: str) -> None:
-        """Index every record in ``records_dir`` not yet known (all of them the first time)."""
+    def sync(self, fs: Any, records_dir: str, since: float) -> None:
+        """Index every record in ``records_dir`` not yet known (all of them the first time), unless the
+        last listing started after ``since`` (+ clock skew): it already showed what existed then."""
         with self.lock:
+            if self.synced_at is not None and self.synced_at > since + _CLOCK_SKEW_S:
+                return
+            started = time.time()
             try:
                 fs.invalidate_cache(records_dir)
                 listing = fs.ls(records_dir, detail=True)
@@ -221,6 +229,7 @@ class _Index:
                 if not self.loaded:
                     _trim_heap()
             self.loaded = True
+            self.synced_at = started
 
     def find(self, hashes: Sequence[int]) -> list[tuple[float, int, int, int, int] | None]:
         """Location ``(exp, rec, off, len, crc)`` per hash (None if absent); caller holds ``lock``."""
@@ -358,6 +367,7 @@ class ResultLog:
         self._last_ns = 0
         self._synced = False
         self._dirs_made = False
+        self._since = time.time()  # records older than this must be visible to this log's lookups
 
     # -- pickling: only the location and settings travel -----------------------------------------
 
@@ -368,11 +378,14 @@ class ResultLog:
             "flush_items": self.flush_items,
             "expiration_s": self.expiration_s,
             "storage_options": self.storage_options,
+            "since": self._since,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        url = state.pop("url")
+        state = dict(state)
+        url, since = state.pop("url"), state.pop("since")
         self.__init__(url, **state)  # type: ignore[misc]
+        self._since = since
 
     def __repr__(self) -> str:
         return (
@@ -535,15 +548,17 @@ class ResultLog:
         """Stored, unexpired results for ``keys`` (missing keys are absent); full keys verified."""
         now = _now()
         found: dict[str, WorkItemResult[Any, Any]] = {}
+        decided: set[str] = set()  # in the buffer: newer than anything stored, expired or not
         with self._lock:
             for key in keys:
                 for pending in (self._buffer, *reversed(self._writing)):
                     entry = pending.get(key)
                     if entry is not None:
+                        decided.add(key)
                         if not entry[1] or entry[1] > now:
                             found[key] = dataclasses.replace(entry[0])
                         break
-        rest = [key for key in dict.fromkeys(keys) if key not in found]
+        rest = [key for key in dict.fromkeys(keys) if key not in decided]
         if rest:
             loop = asyncio.get_running_loop()
             found.update(await loop.run_in_executor(_EXECUTOR, self._lookup_stored, rest))
@@ -554,7 +569,7 @@ class ResultLog:
         fs = self._filesystem()
         index = _index_for(fs, self._root)
         if not self._synced:
-            index.sync(fs, self.records_dir)
+            index.sync(fs, self.records_dir, self._since)
             self._synced = True
         now = _now()
         with index.lock:
