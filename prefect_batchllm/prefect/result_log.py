@@ -160,37 +160,47 @@ class _Index:
             if old is None or rtime[old[1]] <= rtime[rec]:
                 self.delta[h] = (exp, rec, off, length, crc)
         if len(self.delta) > max(_DELTA_MAX, len(self.hashes) // 4):
-            self._merge(np.zeros(0, _DISK), np.zeros(0, np.uint32))
+            self._merge(bytearray(), np.zeros(0, np.uint32))
 
-    def _merge(self, entries: np.ndarray[Any, Any], recs: np.ndarray[Any, Any]) -> None:
-        """Rebuild the sorted arrays from themselves, the delta and new header ``entries`` (of records
-        ``recs``): the newest record wins per hash, expired entries are dropped."""
+    def _merge(self, headers: bytearray, recs: np.ndarray[Any, Any]) -> None:
+        """Rebuild the sorted arrays from themselves, the delta and new ``headers`` (entries of records
+        ``recs``; the buffer is emptied): the newest record wins per hash, expired entries are dropped.
+        Temporaries are freed as soon as possible: the peak stays ~2x the final arrays."""
+        entries = np.frombuffer(headers, _DISK)
+        new_hashes = entries["hash"].copy()
         new_rows = np.empty(len(entries), _ROW)
         for name in ("exp", "off", "len", "crc"):
             new_rows[name] = entries[name]
         new_rows["rec"] = recs
-        hashes = [self.hashes, entries["hash"]]
-        rows = [self.rows, new_rows]
+        del entries
+        headers.clear()
+        hash_parts = [a for a in (self.hashes, new_hashes) if len(a)]
+        row_parts = [a for a in (self.rows, new_rows) if len(a)]
+        del new_hashes, new_rows
         if self.delta:
-            hashes.append(np.fromiter(self.delta.keys(), np.uint64, len(self.delta)))
-            rows.append(np.array(list(self.delta.values()), _ROW))
+            hash_parts.append(np.fromiter(self.delta.keys(), np.uint64, len(self.delta)))
+            row_parts.append(np.array(list(self.delta.values()), _ROW))
             self.delta = {}
-        all_hashes = np.concatenate(hashes)
-        all_rows = np.concatenate(rows)
-        del hashes, rows, new_rows, entries
-        self.hashes = self.rows = None  # type: ignore[assignment]  # let the old arrays go first
-        times = np.asarray(self.rec_time, np.int64)[all_rows["rec"]]
-        order = np.lexsort((times, all_hashes))
+        self.hashes, self.rows = np.zeros(0, np.uint64), np.zeros(0, _ROW)
+        if not hash_parts:
+            return
+        hashes = np.concatenate(hash_parts) if len(hash_parts) > 1 else hash_parts[0]
+        rows = np.concatenate(row_parts) if len(row_parts) > 1 else row_parts[0]
+        del hash_parts, row_parts
+        times = np.asarray(self.rec_time, np.int64)[rows["rec"]]
+        order = np.lexsort((times, hashes))
         del times
-        all_hashes = all_hashes[order]
-        keep = np.ones(len(all_hashes), bool)
-        keep[:-1] = all_hashes[1:] != all_hashes[:-1]  # the last of each hash group is the newest
-        exp = all_rows["exp"][order]
+        hashes = hashes[order]
+        rows = rows[order]
+        del order
+        keep = np.ones(len(hashes), bool)
+        keep[:-1] = hashes[1:] != hashes[:-1]  # the last of each hash group is the newest
+        exp = rows["exp"]
         keep &= (exp == 0) | (exp > _now())
         del exp
-        self.hashes = all_hashes[keep]
-        del all_hashes
-        self.rows = all_rows[order[keep]]
+        self.hashes = hashes[keep]
+        del hashes
+        self.rows = rows[keep]
 
     def sync(self, fs: Any, records_dir: str, since: float) -> None:
         """Index every record in ``records_dir`` not yet known (all of them the first time), unless the
@@ -224,7 +234,7 @@ class _Index:
                     self.add(name, header)
             if first or not self.loaded:
                 recs = np.repeat(np.asarray(first, np.uint32), counts)
-                self._merge(np.frombuffer(buf, _DISK), recs)
+                self._merge(buf, recs)
                 del buf, recs
                 if not self.loaded:
                     _trim_heap()
