@@ -357,3 +357,30 @@ async def test_new_logs_list_again_but_copies_of_an_older_log_reuse_the_process_
 
 def write_record(path: Path, data: bytes) -> None:
     path.write_bytes(data)
+
+
+def test_one_log_used_from_two_threads_with_their_own_loops(tmp_path: Path, monkeypatch) -> None:
+    """Prefect may run async tasks on other threads' loops: one log still persists every result."""
+    import threading
+
+    log = ResultLog(f"file://{tmp_path}", flush_items=50)
+
+    def worker(prefix: str) -> None:
+        async def main() -> None:
+            for i in range(120):
+                await log.add(f"{prefix}-{i}", ok(f"{prefix}-{i}"))
+                await asyncio.sleep(0)
+            await log.flush()
+
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    asyncio.run(log.aclose())
+    forget_index(monkeypatch)
+    keys = [f"{p}-{i}" for p in ("a", "b") for i in range(120)]
+    assert set(asyncio.run(ResultLog(f"file://{tmp_path}").lookup(keys))) == set(keys)
+    assert log.objects_written <= 240 // 10  # batched, whichever loop flushes

@@ -481,7 +481,8 @@ class ResultLog:
         loop = asyncio.get_running_loop()
         if self._timer is None or self._timer.done() or not _alive(self._timer):
             self._timer = loop.create_task(self._run_timer())
-        if size >= self.flush_items and (self._size_flush is None or self._size_flush.done()):
+        flushing = self._size_flush is not None and not self._size_flush.done() and _alive(self._size_flush)
+        if size >= self.flush_items and not flushing:
             self._size_flush = loop.create_task(self._flush_buffer(raise_errors=False))
         if size >= 4 * self.flush_items:  # storage slower than adds: wait for it rather than grow
             await self._flush_buffer(raise_errors=False)
