@@ -7,6 +7,7 @@ reader's alone), the first lookup of one chunk's keys (which loads the index) an
 
     python -m benchmarks.result_log                      # 1M keys
     python -m benchmarks.result_log --items 100000 --add-items 20000
+    python -m benchmarks.result_log --kill               # results lost to a SIGKILL at 50/150/600 per s
 """
 
 from __future__ import annotations
@@ -155,6 +156,55 @@ def reader(url: str, items: int) -> dict[str, float]:
     }
 
 
+def _killed_writer(url: str, rate: float, added: Any) -> None:
+    """Adds results at ``rate`` per second with the default flush settings until killed."""
+
+    async def run() -> None:
+        log = ResultLog(url)
+        i = 0
+        start = time.perf_counter()
+        while True:
+            await log.add(key(i), result(i))
+            i += 1
+            added.value = i
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+
+    asyncio.run(run())
+
+
+def crash_loss(rates: list[float], trials: int) -> list[dict[str, float]]:
+    """SIGKILL a writer at a random moment; count the results it had added that are not stored."""
+    import multiprocessing
+    import signal
+
+    out = []
+    ctx = multiprocessing.get_context("spawn")
+    for rate in rates:
+        lost = []
+        for trial in range(trials):
+            tmp = tempfile.mkdtemp(prefix="batchllm-bench-kill-")
+            try:
+                url = f"file://{tmp}"
+                added = ctx.Value("i", 0)
+                child = ctx.Process(target=_killed_writer, args=(url, rate, added))
+                child.start()
+                while added.value == 0:
+                    time.sleep(0.01)
+                time.sleep(2.0 + random.Random(trial).random() * 2.0)
+                assert child.pid is not None
+                os.kill(child.pid, signal.SIGKILL)
+                child.join()
+                count = added.value
+                found = asyncio.run(ResultLog(url).lookup([key(i) for i in range(count)]))
+                lost.append(count - len(found))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        out.append(
+            {"rate_per_s": rate, "trials": trials, "max_lost": max(lost), "mean_lost": sum(lost) / trials}
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -162,10 +212,14 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--add-items", type=int, default=50_000, help="of them through the async add path")
     parser.add_argument("--flush-items", type=int, default=200)
+    parser.add_argument("--kill", action="store_true", help="measure results lost to a SIGKILL instead")
     parser.add_argument("--reader", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reader:
         print(json.dumps(reader(args.reader, args.items)))
+        return
+    if args.kill:
+        print(json.dumps(crash_loss([50.0, 150.0, 600.0], trials=5), indent=2))
         return
 
     tmp = tempfile.mkdtemp(prefix="batchllm-bench-result-log-")
