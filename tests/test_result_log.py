@@ -384,3 +384,42 @@ def test_one_log_used_from_two_threads_with_their_own_loops(tmp_path: Path, monk
     keys = [f"{p}-{i}" for p in ("a", "b") for i in range(120)]
     assert set(asyncio.run(ResultLog(f"file://{tmp_path}").lookup(keys))) == set(keys)
     assert log.objects_written <= 240 // 10  # batched, whichever loop flushes
+
+
+async def test_index_snapshot_replaces_reading_every_header(tmp_path: Path, monkeypatch) -> None:
+    url = f"file://{tmp_path}"
+    monkeypatch.setattr(result_log, "_SNAPSHOT_RECORDS", 3)
+    for i in range(4):  # four records of two results each
+        log = ResultLog(url)
+        await log.add(f"k{i}", ok(f"k{i}", "v1"))
+        await log.add(f"shared-{i}", ok("shared", i))
+        await log.aclose()
+    await ResultLog(url).lookup(["k0"])  # first load: reads 4 headers, writes a snapshot
+    index_dir = Path(log.records_dir).parent / "index"
+    assert len(os.listdir(index_dir)) == 1
+
+    newer = ResultLog(url)
+    await newer.add("k1", ok("k1", "refreshed"))  # a record the snapshot does not cover
+    await newer.aclose()
+    read: list[str] = []
+    real_read = result_log._read_headers
+
+    def counting(fs: Any, records_dir: str, records: Any) -> Any:
+        read.extend(name for name, _ in records)
+        return real_read(fs, records_dir, records)
+
+    monkeypatch.setattr(result_log, "_read_headers", counting)
+    forget_index(monkeypatch)
+    keys = [f"k{i}" for i in range(4)] + [f"shared-{i}" for i in range(4)]
+    found = await ResultLog(url).lookup(keys)
+    assert read == [record_files(log)[-1]]  # only the record newer than the snapshot
+    assert set(found) == set(keys) and found["k1"].output == "refreshed" and found["k2"].output == "v1"
+
+    snapshot = index_dir / os.listdir(index_dir)[0]
+    corrupt = bytearray(snapshot.read_bytes())
+    corrupt[-1] ^= 0xFF
+    snapshot.write_bytes(bytes(corrupt))
+    read.clear()
+    forget_index(monkeypatch)
+    found = await ResultLog(url).lookup(keys)  # a corrupt snapshot is skipped: headers again
+    assert len(read) == 5 and set(found) == set(keys) and found["k1"].output == "refreshed"

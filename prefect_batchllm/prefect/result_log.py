@@ -21,6 +21,7 @@ import concurrent.futures
 import ctypes
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import struct
@@ -59,6 +60,11 @@ _COALESCE_GAP = 65_536  # bodies closer than this in one object are read with on
 #: A listing this long after a log was created (its creator's clock) surely shows every record written
 #: before: pickled copies of it (one per Dask chunk) then reuse their process's index without listing again.
 _CLOCK_SKEW_S = 30.0
+#: A process that read this many record headers at its first load writes an index snapshot, so later
+#: processes read one object plus the records written since instead of every header.
+_SNAPSHOT_RECORDS = 256
+_SNAP_MAGIC = b"BLRIDX1\n"
+_SNAP_PREFIX = struct.Struct("<8sQQI")  # magic, names length, entries, CRC32 of everything after
 
 #: Wall clock of expirations (epoch seconds); a module attribute so tests can move time forward.
 _now = time.time
@@ -202,13 +208,19 @@ class _Index:
         del hashes
         self.rows = rows[keep]
 
-    def sync(self, fs: Any, records_dir: str, since: float) -> None:
-        """Index every record in ``records_dir`` not yet known (all of them the first time), unless the
-        last listing started after ``since`` (+ clock skew): it already showed what existed then."""
+    def sync(self, fs: Any, base: str, since: float) -> None:
+        """Index every record under ``base`` not yet known (the first time: the newest index snapshot plus
+        the records it does not cover), unless the last listing started after ``since`` (+ clock skew):
+        it already showed what existed then."""
+        records_dir = f"{base}/records"
         with self.lock:
             if self.synced_at is not None and self.synced_at > since + _CLOCK_SKEW_S:
                 return
             started = time.time()
+            if not self.loaded and (snapshot := _load_snapshot(fs, f"{base}/index")) is not None:
+                names, self.hashes, self.rows = snapshot
+                for name in names:
+                    self._register(name)
             try:
                 fs.invalidate_cache(records_dir)
                 listing = fs.ls(records_dir, detail=True)
@@ -232,14 +244,29 @@ class _Index:
                     buf += header
                 else:
                     self.add(name, header)
-            if first or not self.loaded:
+            if first:
                 recs = np.repeat(np.asarray(first, np.uint32), counts)
                 self._merge(buf, recs)
                 del buf, recs
                 if not self.loaded:
                     _trim_heap()
+            if not self.loaded and len(first) >= _SNAPSHOT_RECORDS:
+                try:
+                    self._write_snapshot(fs, f"{base}/index")
+                except Exception as exc:  # an optimisation only: the records stay the truth
+                    logger.warning("result log: could not write an index snapshot under %s: %s", base, exc)
             self.loaded = True
             self.synced_at = started
+
+    def _write_snapshot(self, fs: Any, index_dir: str) -> None:
+        """Store the whole index (caller holds ``lock``, delta empty) as one object."""
+        names = json.dumps(self.names).encode()
+        hashes = np.ascontiguousarray(self.hashes).view(np.uint8).data
+        rows = np.ascontiguousarray(self.rows).view(np.uint8).data
+        crc = zlib.crc32(rows, zlib.crc32(hashes, zlib.crc32(names)))
+        prefix = _SNAP_PREFIX.pack(_SNAP_MAGIC, len(names), len(self.hashes), crc)
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:16]}.idx"
+        _write_object(fs, index_dir, name, [prefix, names, hashes, rows])
 
     def find(self, hashes: Sequence[int]) -> list[tuple[float, int, int, int, int] | None]:
         """Location ``(exp, rec, off, len, crc)`` per hash (None if absent); caller holds ``lock``."""
@@ -263,6 +290,61 @@ class _Index:
     def nbytes(self) -> int:
         """Bytes held by the sorted arrays (the bulk of the index)."""
         return int(self.hashes.nbytes + self.rows.nbytes)
+
+
+def _load_snapshot(
+    fs: Any, index_dir: str
+) -> tuple[list[str], np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
+    """``(record names, hashes, rows)`` of the newest valid index snapshot, if any."""
+    try:
+        fs.invalidate_cache(index_dir)
+        listing = fs.ls(index_dir, detail=False)
+    except FileNotFoundError:
+        return None
+    names = sorted(
+        (n for n in (str(e).rstrip("/").rsplit("/", 1)[-1] for e in listing) if n.endswith(".idx")),
+        reverse=True,
+    )
+    for name in [n for n in names if not n.startswith(".")][:3]:
+        try:
+            data = fs.cat_file(f"{index_dir}/{name}")
+        except Exception as exc:
+            logger.warning("result log: cannot read index snapshot %s: %s", name, exc)
+            continue
+        if len(data) >= _SNAP_PREFIX.size:
+            magic, names_len, count, crc = _SNAP_PREFIX.unpack_from(data)
+            body = memoryview(data)[_SNAP_PREFIX.size :]
+            hashes_at = names_len
+            rows_at = hashes_at + 8 * count
+            if (
+                magic == _SNAP_MAGIC
+                and len(body) == rows_at + _ROW.itemsize * count
+                and zlib.crc32(body) == crc
+            ):
+                records = json.loads(bytes(body[:names_len]))
+                hashes = np.frombuffer(body, np.uint64, count, hashes_at)
+                rows = np.frombuffer(body, _ROW, count, rows_at)
+                return records, hashes, rows
+        logger.warning("result log: skipping torn or corrupt index snapshot %s", name)
+    return None
+
+
+def _write_object(fs: Any, directory: str, name: str, parts: Sequence[Any]) -> None:
+    """Store ``parts`` (bytes-like) as one object, never visible half-written: a local file is written
+    under a temp name and renamed; object stores publish an upload only once it is complete."""
+    if isinstance(fs, _LocalFS):
+        fs.makedirs(directory, exist_ok=True)
+        tmp = f"{directory}/.{name}.tmp"
+        with open(tmp, "wb") as handle:
+            for part in parts:
+                handle.write(part)
+        os.replace(tmp, f"{directory}/{name}")
+    elif len(parts) == 1:
+        fs.pipe_file(f"{directory}/{name}", parts[0])  # one PUT
+    else:
+        with fs.open(f"{directory}/{name}", "wb") as handle:  # multipart upload, completed on close
+            for part in parts:
+                handle.write(part)
 
 
 def _trim_heap() -> None:
@@ -376,7 +458,6 @@ class ResultLog:
         self._seq = 0
         self._last_ns = 0
         self._synced = False
-        self._dirs_made = False
         self._since = time.time()  # records older than this must be visible to this log's lookups
 
     # -- pickling: only the location and settings travel -----------------------------------------
@@ -438,22 +519,11 @@ class ResultLog:
         """Write ``batch`` as one object (more if its bodies pass 1 GiB) and index it (worker thread)."""
         fs = self._filesystem()
         records_dir = self.records_dir
-        local = isinstance(fs, _LocalFS)
-        if local and not self._dirs_made:  # object stores have no directories to make
-            fs.makedirs(records_dir, exist_ok=True)
-            self._dirs_made = True
         entries = [(key, result, exp) for key, (result, exp) in batch.items()]
         index = _index_for(fs, self._root)
         for data in _split_encode(entries):
             name = self._next_name()
-            path = f"{records_dir}/{name}"
-            if local:
-                tmp = f"{records_dir}/.{name}.tmp"
-                with open(tmp, "wb") as handle:
-                    handle.write(data)
-                os.replace(tmp, path)
-            else:
-                fs.pipe_file(path, data)  # one PUT: object stores never show a partial object
+            _write_object(fs, records_dir, name, [data])
             with self._lock:
                 self.objects_written += 1
             header = _parse_header(data, len(data))
@@ -580,7 +650,7 @@ class ResultLog:
         fs = self._filesystem()
         index = _index_for(fs, self._root)
         if not self._synced:
-            index.sync(fs, self.records_dir, self._since)
+            index.sync(fs, f"{self._root}/{FORMAT_DIR}", self._since)
             self._synced = True
         now = _now()
         with index.lock:
