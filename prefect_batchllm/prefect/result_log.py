@@ -11,6 +11,12 @@ then the pickled ``(key, result)`` bodies. A process loads the index once from t
 small ranged read per object) into numpy arrays (~32 bytes per key); a lookup then reads just the bodies
 it needs and verifies their CRC and full key. A torn object (a killed writer on a non-atomic store)
 fails its length or CRC check and is skipped; local files are written to a temp name and renamed.
+
+A first load that had to read many headers writes an index snapshot (``v1/index/*.idx``: the record
+names and the arrays, CRC-checked); later processes read the newest snapshot plus the headers of records
+it does not cover. Measured (``python -m benchmarks.result_log``, 1M keys, 4.8k objects, local disk, 2
+cores): headers 0.6 s, snapshot 0.3 s; +36 MB RSS kept. Records are never deleted (expired entries are
+only skipped).
 """
 
 from __future__ import annotations
