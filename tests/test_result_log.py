@@ -310,6 +310,8 @@ async def test_saved_block_slug(prefect_api: str, tmp_path: Path, monkeypatch) -
     await log.aclose()
     forget_index(monkeypatch)
     assert set(await ResultLog(log.url).lookup(["k"])) == {"k"}
+    with pytest.raises(ValueError, match=r"result_storage.*'local-file-system/not-saved'.*s3://"):
+        await ResultLog.for_config(ProcessorConfig(result_storage="local-file-system/not-saved"))
 
 
 @pytest.mark.parametrize("scheme", ["file", "memory"])

@@ -742,7 +742,14 @@ async def resolve_location(storage: Any) -> tuple[str, dict[str, Any]]:
     if isinstance(storage, str) and "://" not in storage:
         from prefect.blocks.core import Block
 
-        storage = await Block.aload(storage)
+        try:
+            storage = await Block.aload(storage)
+        except Exception as exc:
+            raise ValueError(
+                f"ProcessorConfig.result_storage: cannot load the storage block {storage!r} "
+                f"({type(exc).__name__}: {exc}); save a local-file-system or remote-file-system block under "
+                "that name, or give an fsspec URL such as 's3://bucket/prefix'"
+            ) from None
     return location_for(storage)
 
 
