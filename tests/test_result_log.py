@@ -425,3 +425,17 @@ async def test_index_snapshot_replaces_reading_every_header(tmp_path: Path, monk
     forget_index(monkeypatch)
     found = await ResultLog(url).lookup(keys)  # a corrupt snapshot is skipped: headers again
     assert len(read) == 5 and set(found) == set(keys) and found["k1"].output == "refreshed"
+
+
+async def test_an_unpicklable_result_is_left_out_without_failing_the_flush(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import threading
+
+    log = ResultLog(f"file://{tmp_path}")
+    await log.add("good", ok("good"))
+    await log.add("bad", ok("bad", {"lock": threading.Lock()}))
+    await log.aclose()  # does not raise
+    assert log.objects_written == 1
+    forget_index(monkeypatch)
+    assert set(await ResultLog(f"file://{tmp_path}").lookup(["good", "bad"])) == {"good"}

@@ -89,7 +89,30 @@ def key_hash(key: str) -> int:
 
 def encode_record(entries: Sequence[tuple[str, WorkItemResult[Any, Any], float]]) -> bytes:
     """One storage object holding ``entries`` (key, result, expiration epoch seconds or 0 = never)."""
-    bodies = [cloudpickle.dumps((key, result), protocol=5) for key, result, _ in entries]
+    return _encode([(key, cloudpickle.dumps((key, result), protocol=5), exp) for key, result, exp in entries])
+
+
+def _pickled(
+    entries: Iterable[tuple[str, WorkItemResult[Any, Any], float]],
+) -> list[tuple[str, bytes, float]]:
+    """``(key, body, expiration)`` per entry; a result that cannot be pickled is left out (its item simply
+    runs again next time) instead of failing the whole flush."""
+    out = []
+    for key, result, exp in entries:
+        try:
+            out.append((key, cloudpickle.dumps((key, result), protocol=5), exp))
+        except Exception as exc:
+            logger.warning(
+                "result log: the result of %s cannot be pickled (%s), so it is not persisted",
+                result.item_id,
+                type(exc).__name__,
+            )
+    return out
+
+
+def _encode(entries: Sequence[tuple[str, bytes, float]]) -> bytes:
+    """One storage object from ``(key, pickled body, expiration)`` entries."""
+    bodies = [body for _, body, _ in entries]
     n = len(entries)
     header = np.zeros(n, _DISK)
     header["hash"] = [key_hash(key) for key, _, _ in entries]
@@ -525,7 +548,7 @@ class ResultLog:
         """Write ``batch`` as one object (more if its bodies pass 1 GiB) and index it (worker thread)."""
         fs = self._filesystem()
         records_dir = self.records_dir
-        entries = [(key, result, exp) for key, (result, exp) in batch.items()]
+        entries = _pickled((key, result, exp) for key, (result, exp) in batch.items())
         index = _index_for(fs, self._root)
         for data in _split_encode(entries):
             name = self._next_name()
@@ -705,9 +728,11 @@ class ResultLog:
         return out
 
 
-def _split_encode(entries: list[tuple[str, WorkItemResult[Any, Any], float]]) -> Iterable[bytes]:
+def _split_encode(entries: list[tuple[str, bytes, float]]) -> Iterable[bytes]:
     """Encode ``entries`` as one object, or several when their bodies would pass ``_MAX_OBJECT``."""
-    data = encode_record(entries)
+    if not entries:
+        return
+    data = _encode(entries)
     if len(data) <= _MAX_OBJECT or len(entries) == 1:
         yield data
         return
