@@ -17,6 +17,7 @@ import pytest
 
 from prefect_batchllm.core.config import ProcessorConfig
 from prefect_batchllm.core.items import WorkItemResult
+from prefect_batchllm.core.strategy import LLMCallStrategy, RetryState
 from prefect_batchllm.prefect import result_log
 from prefect_batchllm.prefect.result_log import ResultLog, location_for, resolve_location
 
@@ -439,3 +440,40 @@ async def test_an_unpicklable_result_is_left_out_without_failing_the_flush(
     assert log.objects_written == 1
     forget_index(monkeypatch)
     assert set(await ResultLog(f"file://{tmp_path}").lookup(["good", "bad"])) == {"good"}
+
+
+class Echo(LLMCallStrategy[str]):
+    """Answers instantly: the run's cost is the product's own, and its results are what is persisted."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def execute(
+        self, prompt: Any, attempt: int, timeout: float, state: RetryState | None = None
+    ) -> Any:
+        self.calls += 1
+        return prompt.upper(), {"input_tokens": 3, "output_tokens": 2}
+
+    def fingerprint(self) -> str:
+        return "echo-v1"
+
+
+async def test_a_5000_item_chunked_run_stores_its_results_in_o_chunks_objects(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    from prefect_batchllm import run_batch
+    from prefect_batchllm.core.items import LLMWorkItem
+    from prefect_batchllm.prefect.tasks import item_cache_key
+
+    strategy = Echo()
+    items = [LLMWorkItem(f"row-{i}", strategy, f"[row-{i}] describe book {i}") for i in range(5000)]
+    config = ProcessorConfig(max_workers=100, chunk_size=500, result_storage=f"file://{tmp_path}")
+    result = await run_batch(items, config)
+    assert result.succeeded == 5000 and strategy.calls == 5000
+    records = tmp_path / "batchllm-results" / "v1" / "records"
+    objects = await asyncio.to_thread(lambda: len(list(records.glob("*.blr"))))
+    assert 1 <= objects <= 5000 // 100  # O(chunks), not one per item (10 measured here)
+    log = await ResultLog.for_config(config)
+    assert log is not None
+    stored = await log.lookup([item_cache_key(item) for item in items])
+    assert len(stored) == 5000 and stored[item_cache_key(items[42])].output == items[42].prompt.upper()
