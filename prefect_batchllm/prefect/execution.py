@@ -428,7 +428,7 @@ class BatchExecution:
             value = await attempt_with_retries(item, run)
         except AttemptFailed as failure:
             return _outcome(failure, item, run, replayed=False)
-        if self.batch_step is None and self.run is not None and _in_worker():
+        if self._report is None:  # a task-runner worker's chunk: say where it ran
             value.metadata = {**value.metadata, "worker": _worker_name()}
         return _outcome(value, item, run, replayed=False)
 
@@ -583,13 +583,6 @@ def _final_state(future: Any) -> Any:
     """Wait for a submitted task's future (blocking: called in a thread) and return its final state."""
     future.wait()
     return future.state
-
-
-_DRIVER_PID = os.getpid()
-
-
-def _in_worker() -> bool:
-    return os.getpid() != _DRIVER_PID
 
 
 def _worker_name() -> str:
