@@ -142,10 +142,12 @@ def prompt_sha256(prompt: Any) -> str:
     return sha256_of(prompt)
 
 
-def item_cache_key(item: LLMWorkItem[Any, Any]) -> str:
+def item_cache_key(item: LLMWorkItem[Any, Any], fingerprint: str | None = None) -> str:
     """Cache key of an item's result: (item_id, prompt sha256, strategy fingerprint, prompt template name and
-    version when set), no run id: a new template version re-runs the item even if its prompt is unchanged."""
-    parts = [CACHE_VERSION, item.item_id, prompt_sha256(item.prompt), item.strategy.fingerprint()]
+    version when set), no run id: a new template version re-runs the item even if its prompt is unchanged.
+    ``fingerprint``: the strategy's, when the caller already has it (it costs a canonical JSON + sha256)."""
+    fingerprint = fingerprint if fingerprint is not None else item.strategy.fingerprint()
+    parts = [CACHE_VERSION, item.item_id, prompt_sha256(item.prompt), fingerprint]
     if item.template is not None:
         parts.append(f"template={item.template.name}@{item.template.version}")
     raw = "|".join(parts)
