@@ -226,3 +226,16 @@ def test_unpickled_unprepared_model_finds_the_cache_by_display_name(emulator: An
     assert f"creates 0 cache {model.cache_name}" in done.stdout
     assert emulator.count("cachedContents.create") == 1
     assert emulator.count("cachedContents.list") >= 1
+
+
+async def test_copies_that_race_to_replace_a_cache_converge_on_one(emulator: Any) -> None:
+    """Two worker copies that both found no cache and both created one end on the earlier one."""
+    model = GeminiCachedModel(MODEL, _client(emulator.base_url), ["a document that vanished"])
+    first, second = pickle.loads(pickle.dumps(model)), pickle.loads(pickle.dumps(model))
+    await first._create()  # both looked (nothing was there) and create, one after the other
+    await second._create()
+    assert emulator.count("cachedContents.create") == 2
+    assert second.cache_name == first.cache_name  # the later copy adopted the earlier cache ...
+    assert list(emulator.caches) == [first.cache_name]  # ... and deleted its own
+    answer = await second.generate("still answered")
+    assert answer.text and emulator.requests_for("generateContent")[-1].cached_content == first.cache_name

@@ -561,6 +561,7 @@ class GeminiCachedModel(GeminiModel):
         self._cache_name: str | None = None
         self._expire_time: datetime | None = None
         self._deleted = False
+        self._shipped = False  # True in a copy unpickled in another process
         #: How many caches this instance created / renewed (for tests and stats).
         self.creates = 0
         self.renewals = 0
@@ -582,6 +583,8 @@ class GeminiCachedModel(GeminiModel):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._lock = _AnyLoopLock()
+        #: A copy in another process: copies may race to replace a vanished cache (see ``_converge``).
+        self._shipped = True
 
     # -- identity -------------------------------------------------------------------------------------
 
@@ -757,6 +760,41 @@ class GeminiCachedModel(GeminiModel):
         created = await self._client().aio.caches.create(model=self.model, config=config)
         self.creates += 1
         self._adopt(created)
+        if getattr(self, "_shipped", False):
+            await self._converge(created)
+
+    async def _converge(self, created: types.CachedContent) -> None:
+        """Copies in several worker processes that each replaced a vanished cache end on ONE cache.
+
+        Every copy lists the live caches of this display name after creating and adopts the earliest
+        created (then the smallest name): whichever copy lists last sees both, and one created before
+        another's listing is always the earlier one, so all copies pick the same cache. A copy whose
+        own cache lost deletes it again.
+        """
+        wanted_model = bare_model_name(self.model)
+        now = datetime.now(UTC)
+        live: list[types.CachedContent] = []
+        pager = await self._client().aio.caches.list(config=types.ListCachedContentsConfig(page_size=100))
+        async for cache in pager:
+            if cache.display_name != self.display_name or not cache.name:
+                continue
+            if cache.model and bare_model_name(cache.model) != wanted_model:
+                continue
+            if cache.expire_time is not None and cache.expire_time <= now:
+                continue
+            live.append(cache)
+        if not live:
+            return
+        far = datetime.max.replace(tzinfo=UTC)
+        winner = min(live, key=lambda c: (c.create_time or far, c.name or ""))
+        if winner.name == created.name:
+            return
+        self._adopt(winner)
+        try:
+            await self._client().aio.caches.delete(name=created.name or "")
+        except Exception as exc:
+            if not is_missing_cache_error(exc):
+                raise
 
     def _adopt(self, cache: types.CachedContent) -> None:
         if not cache.name:
