@@ -172,10 +172,6 @@ async def test_dask_gives_the_same_batch_result_and_runs_in_the_workers(
     remote_pids = {r.metadata.get(PID) for r in remote.results if r.success}
     assert local_pids == {os.getpid()}
     assert remote_pids == workers and os.getpid() not in remote_pids
-    # The product's own record of where an item was answered ("worker": host:pid), set only in a worker.
-    recorded = {int(r.metadata["worker"].rsplit(":", 1)[1]) for r in remote.results if r.success}
-    assert recorded == workers
-    assert not any("worker" in r.metadata for r in local.results)
 
     # (c) One context cache for every worker: the driver's prepare created it, every request used it.
     assert dask_emulator.count("cachedContents.create") == 1
