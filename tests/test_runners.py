@@ -62,6 +62,6 @@ def test_a_missing_extra_names_the_install(
 def test_ray_forms() -> None:
     prefect_ray = pytest.importorskip("prefect_ray", reason="prefect-ray is not installed (the [ray] extra)")
     local = task_runner_from("ray?num_cpus=2")
-    assert isinstance(local, prefect_ray.RayTaskRunner) and local.init_kwargs == {"num_cpus": 2}
+    assert isinstance(local, prefect_ray.RayTaskRunner) and local.init_kwargs["num_cpus"] == 2
     remote = task_runner_from("ray://head.internal:10001")
     assert isinstance(remote, prefect_ray.RayTaskRunner) and remote.address == "ray://head.internal:10001"
