@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-oldest test-matrix lint bench bench-install bench-limits soak emulator ui-check clean
+.PHONY: install demo test test-oldest test-matrix lint bench bench-install bench-limits bench-dask soak emulator ui-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -66,6 +66,10 @@ bench: $(BENCH_STAMP)
 # The rate limiter's efficiency against quotas (benchmarks/run.py), ephemeral API and a real server.
 bench-limits: $(STAMP)
 	$(BIN)/python -m benchmarks.run --server
+
+# Chunked run_batch in one process vs. 2 local Dask worker processes (client-CPU-bound case), then a quota pass.
+bench-dask: $(STAMP)
+	$(BIN)/python -m benchmarks.dask_scaling
 
 soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak --rows 5000 --kills 10
