@@ -34,6 +34,8 @@ from prefect_batchllm.testing import Fault, GeminiEmulator
 distributed = pytest.importorskip("distributed", reason="the [dask] extra is not installed")
 prefect_dask = pytest.importorskip("prefect_dask", reason="the [dask] extra is not installed")
 
+pytestmark = pytest.mark.heavy  # a Dask cluster per test: on the newest Prefect only (Makefile)
+
 MODEL = "gemini-2.5-flash"
 FAST_RETRY = RetryConfig(max_attempts=3, initial_wait=0.05, max_wait=0.2, jitter=False)
 TESTS = Path(__file__).resolve().parent

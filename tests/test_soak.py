@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
 from benchmarks.soak import run_soak
 
-pytestmark = pytest.mark.prefect
+pytestmark = [pytest.mark.prefect, pytest.mark.heavy]
 
 
 def test_small_chaos_soak_loses_nothing(tmp_path) -> None:
