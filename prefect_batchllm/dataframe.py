@@ -508,8 +508,9 @@ def _normalize(
     config: ProcessorConfig | None,
     output_type: Any,
 ) -> tuple[str | None, PromptFn | None, ProcessorConfig, type[BaseModel] | None]:
-    """Type checks of the arguments; a callable given as ``prompt_template`` becomes ``prompt_fn``."""
-    if not isinstance(df, pd.DataFrame):
+    """Type checks of the arguments; a callable given as ``prompt_template`` becomes ``prompt_fn``
+    (``df=None``: a table read in slices, checked elsewhere)."""
+    if df is not None and not isinstance(df, pd.DataFrame):
         raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
     if isinstance(prompt_template, os.PathLike):
         prompt_template = load_prompt_template(prompt_template)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,10 +26,13 @@ __all__ = [
     "StagedOutput",
     "TableSlice",
     "arrow_to_pandas",
+    "iter_id_frames",
     "plan_slices",
     "read_table",
     "stage_csv",
+    "table_attrs",
     "table_columns",
+    "with_columns",
     "write_table",
 ]
 
@@ -586,3 +590,64 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         .cast(schema.remove_metadata())
         .replace_schema_metadata(schema.metadata)
     )
+
+
+def with_columns(table: pa.Table, frame: pd.DataFrame) -> pa.Table:
+    """``table`` (with pandas metadata) plus ``frame``'s columns, row for row; the pandas metadata gains
+    their entries, so ``arrow_to_pandas`` of the result is ``pd.concat([table_as_frame, frame], axis=1)``."""
+    if len(frame) != table.num_rows:
+        raise ValueError(f"{len(frame)} new rows for a table of {table.num_rows}")
+    added = pa.Table.from_pandas(frame, preserve_index=False)
+    meta = (
+        json.loads(table.schema.metadata[_PANDAS])
+        if table.schema.metadata and _PANDAS in table.schema.metadata
+        else None
+    )
+    new_meta = json.loads(added.schema.metadata[_PANDAS])
+    if meta is None:
+        meta = {**new_meta, "columns": []}
+    meta["columns"] = [*meta.get("columns", []), *new_meta.get("columns", [])]
+    combined = pa.Table.from_arrays(
+        [*table.columns, *added.columns], schema=pa.schema([*table.schema, *added.schema])
+    )
+    return combined.replace_schema_metadata(
+        {**(table.schema.metadata or {}), _PANDAS: json.dumps(meta).encode()}
+    )
+
+
+def table_attrs(
+    path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``DataFrame.attrs`` stored in a Parquet file's pandas metadata (``{}`` when none)."""
+    import pyarrow.parquet as pq
+
+    with fsspec.open(os.fspath(path), "rb", **(storage_options or {})) as handle:
+        schema = pq.ParquetFile(handle).schema_arrow
+    if not schema.metadata or _PANDAS not in schema.metadata:
+        return {}
+    attrs = json.loads(schema.metadata[_PANDAS]).get("attributes") or {}
+    return dict(attrs) if isinstance(attrs, dict) else {}
+
+
+def iter_id_frames(
+    path: str | os.PathLike[str],
+    id_column: str | None,
+    *,
+    batch_rows: int = 65_536,
+    storage_options: dict[str, Any] | None = None,
+) -> Iterator[pd.DataFrame]:
+    """The id column (or, with ``id_column=None``, only the index) of a Parquet table, as small frames
+    in row order: a whole-table id check without reading the other columns. Yields nothing for a
+    ``RangeIndex`` (its labels are unique by construction)."""
+    import pyarrow.parquet as pq
+
+    with fsspec.open(os.fspath(path), "rb", **(storage_options or {})) as handle:
+        pf = pq.ParquetFile(handle)
+        metadata = pf.schema_arrow.metadata or {}
+        meta = json.loads(metadata[_PANDAS]) if _PANDAS in metadata else {}
+        index_columns = [c for c in meta.get("index_columns", []) if isinstance(c, str)]
+        if id_column is None and not index_columns:
+            return
+        columns = [id_column] if id_column is not None else index_columns
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+            yield arrow_to_pandas(pa.Table.from_batches([batch]).replace_schema_metadata(metadata))

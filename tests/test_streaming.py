@@ -7,15 +7,22 @@ streaming ``enrich_table_file`` runs go through the real SDK to the bundled serv
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from prefect_batchllm.dataframe import UniqueIds, row_ids
+from prefect_batchllm import ProcessorConfig, RetryConfig
+from prefect_batchllm.dataframe import UniqueIds, enrich_dataframe, row_ids
+from prefect_batchllm.models.gemini import GeminiModel
+from prefect_batchllm.strategies.gemini import GeminiStrategy
+from prefect_batchllm.streaming import TableBatchResult, enrich_table_file, failed_rows_path
 from prefect_batchllm.tables import StagedOutput, plan_slices, read_table, stage_csv, write_table
+from prefect_batchllm.testing import Fault, GeminiEmulator
 
 
 def _table(n: int) -> pd.DataFrame:
@@ -138,3 +145,92 @@ def test_unique_ids_streaming_check(tmp_path: Path) -> None:
         again.confirm(suspects, [*batches, ["id-17", "new"]])
     with pytest.raises(ValueError, match="missing or empty id at row position 12"):
         row_ids(pd.DataFrame({"id": ["a", None]}), "id", offset=11)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Streaming runs: the real SDK to the bundled server, the real Prefect API
+
+
+def _fast(**overrides: Any) -> ProcessorConfig:
+    return ProcessorConfig(
+        max_workers=32,
+        retry=RetryConfig(max_attempts=2, initial_wait=0.01, jitter=False),
+        fail_on_item_failure=False,
+        **overrides,
+    )
+
+
+def _books(n: int, tag: str) -> pd.DataFrame:
+    titles: list[str | None] = []
+    for i in range(n):
+        if i % 41 == 5:
+            titles.append(None)  # invalid_input: never sent
+        elif i % 53 == 7:
+            titles.append(f"FAIL400 {i}")  # a 400 every time: failed, not retried
+        else:
+            titles.append(f"book {i}")
+    return pd.DataFrame(
+        {
+            "isbn": [f"isbn-{tag}-{i:05d}" for i in range(n)],
+            "title": titles,
+            "year": pd.array([1900 + i % 120 if i % 13 else None for i in range(n)], dtype="Int64"),
+            "price": [i / 7 for i in range(n)],
+        },
+        index=pd.Index([f"row-{i}" for i in range(n)], name="rid"),
+    )
+
+
+def _faults(emulator: GeminiEmulator, n: int) -> None:
+    """The same faults for every run: 400 for FAIL400 titles, one 503 for every 97th row."""
+    emulator.faults.clear()
+    emulator.faults.add(Fault.status(400), contains="FAIL400", times=None)
+    for i in range(3, n, 97):
+        emulator.faults.add(Fault.status(503), contains=f"book {i}.", times=1)
+
+
+def test_streaming_run_matches_in_memory_enrich_dataframe(
+    prefect_api: str, emulator: GeminiEmulator, tmp_path: Path
+) -> None:
+    n = 2000
+    df = _books(n, uuid.uuid4().hex[:6])
+    source = tmp_path / "books.parquet"
+    write_table(df, source)
+    strategy = GeminiStrategy(GeminiModel("gemini-2.5-flash", emulator.client()))
+    template = "Summarize {title}. ({year})"
+
+    _faults(emulator, n)
+    frame = enrich_dataframe(
+        read_table(source), template, strategy, "isbn", _fast(chunk_size=100, refresh_cache=True)
+    )
+    write_table(frame, tmp_path / "memory.parquet")
+    in_memory_requests = emulator.count("generateContent")
+
+    _faults(emulator, n)
+    out = tmp_path / "out" / "streamed.parquet"
+    result = enrich_table_file(
+        source, out, template, strategy, "isbn", _fast(chunk_size=150, refresh_cache=True)
+    )
+
+    expected = read_table(tmp_path / "memory.parquet")
+    got = read_table(out)
+    pd.testing.assert_frame_equal(got, expected)
+    assert got.attrs["batchllm"] == expected.attrs["batchllm"]
+    assert emulator.count("generateContent") == 2 * in_memory_requests  # same requests, same retries
+
+    failures = expected.loc[~expected["success"]]
+    categories = failures["error_category"].value_counts().to_dict()
+    assert categories["invalid_input"] == int((df["title"].isna() | df["year"].isna()).sum())
+    sent_400 = df["title"].str.startswith("FAIL400", na=False) & df["year"].notna()
+    assert categories["fatal"] == int(sent_400.sum())
+    assert int(expected["attempts"].eq(2).sum()) >= 15  # the 503s were retried
+    assert isinstance(result, TableBatchResult) and result.results == []
+    assert (result.total_items, result.failed) == (n, len(failures))
+    assert result.error_categories() == categories
+    assert result.total_input_tokens == int(expected["input_tokens"].sum()) > 0
+    failed = read_table(failed_rows_path(out))
+    assert failed["item_id"].tolist() == expected.loc[~expected["success"], "isbn"].tolist()
+    assert failed["item_id"].tolist() == result.failed_ids
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "streamed.parquet",
+        "streamed.parquet.failed.parquet",
+    ]
