@@ -423,7 +423,8 @@ class StagedOutput:
     metadata) atomically; ``commit(n_parts)`` streams parts ``0 .. n_parts-1`` in order into the output
     (one part in memory at a time; one schema unified across parts, so a column that is all-null in one
     part and typed in another is fine), through a temp sibling and an atomic rename like
-    :func:`write_table`, then removes the staging directory. The output's pandas metadata is the parts'
+    :func:`write_table`, then removes the staging directory (and any that killed runs left for the same
+    output). The output's pandas metadata is the parts'
     (a ``RangeIndex`` spans all of them), so ``read_table(output_path)`` is the concatenation of the parts
     with the index and dtypes the in-memory path writes. Picklable (a worker writes its own parts).
     """
@@ -530,6 +531,17 @@ class StagedOutput:
                     out_fs.rm(temp)
             raise
         self.discard()
+        self._discard_stale(out_fs, parent, name)
+
+    def _discard_stale(self, fs: AbstractFileSystem, parent: str, name: str) -> None:
+        """Remove staging directories that killed runs left next to the output (the committed output
+        supersedes their parts; a killed run's parts are never resumed, its rows replay from results)."""
+        prefix = f".{name}.staging-"
+        with contextlib.suppress(Exception):
+            for entry in fs.ls(parent or ".", detail=False):
+                if entry.rstrip("/").rsplit("/", 1)[-1].startswith(prefix):
+                    with contextlib.suppress(Exception):
+                        fs.rm(entry, recursive=True)
 
     def discard(self) -> None:
         """Remove the staging directory (and every part in it)."""

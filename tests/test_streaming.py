@@ -6,7 +6,13 @@ streaming ``enrich_table_file`` runs go through the real SDK to the bundled serv
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,12 +21,13 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from _prefect_server import prefect_env
 
 from prefect_batchllm import ProcessorConfig, RetryConfig
 from prefect_batchllm.dataframe import UniqueIds, enrich_dataframe, row_ids
 from prefect_batchllm.models.gemini import GeminiModel
 from prefect_batchllm.strategies.gemini import GeminiStrategy
-from prefect_batchllm.streaming import TableBatchResult, enrich_table_file, failed_rows_path
+from prefect_batchllm.streaming import TableBatchResult, TableChunk, enrich_table_file, failed_rows_path
 from prefect_batchllm.tables import StagedOutput, plan_slices, read_table, stage_csv, write_table
 from prefect_batchllm.testing import Fault, GeminiEmulator
 
@@ -189,8 +196,10 @@ def _faults(emulator: GeminiEmulator, n: int) -> None:
 
 
 def test_streaming_run_matches_in_memory_enrich_dataframe(
-    prefect_api: str, emulator: GeminiEmulator, tmp_path: Path
+    prefect_api: str, emulator: GeminiEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Same rows, order, index, columns, dtypes and attrs as ``enrich_dataframe`` + ``write_table``, and the
+    rows held at once stay within the open chunks (counted, not RSS)."""
     n = 2000
     df = _books(n, uuid.uuid4().hex[:6])
     source = tmp_path / "books.parquet"
@@ -205,6 +214,22 @@ def test_streaming_run_matches_in_memory_enrich_dataframe(
     write_table(frame, tmp_path / "memory.parquet")
     in_memory_requests = emulator.count("generateContent")
 
+    held = {"now": 0, "peak": 0}
+    load, finish = TableChunk.load, TableChunk.finish
+
+    async def counting_load(self: TableChunk) -> Any:
+        items = await load(self)
+        held["now"] += len(items)
+        held["peak"] = max(held["peak"], held["now"])
+        return items
+
+    async def counting_finish(self: TableChunk, items: Any, results: Any) -> Any:
+        out = await finish(self, items, results)
+        held["now"] -= len(items)
+        return out
+
+    monkeypatch.setattr(TableChunk, "load", counting_load)
+    monkeypatch.setattr(TableChunk, "finish", counting_finish)
     _faults(emulator, n)
     out = tmp_path / "out" / "streamed.parquet"
     result = enrich_table_file(
@@ -234,3 +259,60 @@ def test_streaming_run_matches_in_memory_enrich_dataframe(
         "streamed.parquet",
         "streamed.parquet.failed.parquet",
     ]
+    # Rows in memory at once: the chunks open to keep 32 workers busy (ceil(32/150) + 1 = 2), not the table.
+    assert held["now"] == 0 and 0 < held["peak"] <= 2 * 150, held
+
+
+def test_sigkill_mid_run_then_a_fresh_run_loses_and_duplicates_nothing(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    """The flow process is SIGKILLed mid-run; a fresh run completes the table. Rows the server answered
+    in the killed run are requested again only if their result was not flushed yet: at most the result
+    log's flush bound (200 items) plus the calls in flight."""
+    n, chunk, workers = 1200, 100, 16
+    tag = uuid.uuid4().hex[:8]
+    df = _books(n, tag).assign(title=[f"book {i}" for i in range(n)], year=1900)
+    source, out = tmp_path / "in.parquet", tmp_path / "out" / "t.parquet"
+    write_table(df, source)
+    template = "[{isbn}] Summarize {title}."
+    env = prefect_env(prefect_api, tmp_path / "home")
+    job = [sys.executable, str(Path(__file__).with_name("_stream_job.py")), str(source), str(out)]
+    with GeminiEmulator(latency=(0.02, 0.08), seed=5) as emu:
+        args = [*job, emu.base_url, template, str(chunk), str(workers)]
+        first = subprocess.Popen(args, env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while emu.count("generateContent") < n // 2:
+                assert first.poll() is None, "the first run ended before it could be killed"
+                assert time.monotonic() < deadline, "the first run made no progress"
+                time.sleep(0.02)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+        killed_at = time.monotonic()
+        assert not out.exists()  # nothing committed by the killed run
+        done_before = {
+            r.prompt_text.split("]")[0][1:] for r in emu.requests_for("generateContent", status=200)
+        }
+        assert n // 2 <= len(done_before) < n
+
+        second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+        assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+        again = [
+            r.prompt_text.split("]")[0][1:]
+            for r in emu.requests_for("generateContent")
+            if r.started_at > killed_at
+        ]
+
+    got = read_table(out)
+    assert got["isbn"].tolist() == df["isbn"].tolist()  # every row once, in input order
+    assert got.index.tolist() == df.index.tolist()
+    assert bool(got["success"].all())
+    re_requested = done_before & set(again)
+    assert len(again) == len(set(again))  # the fresh run asked for each missing row once
+    assert set(again) | done_before == set(df["isbn"])  # and for every row still missing
+    print(f"rows answered before the kill: {len(done_before)}, re-requested after it: {len(re_requested)}")
+    assert len(re_requested) <= 200 + workers, len(re_requested)
+    assert int(got["replayed"].sum()) == n - len(again)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["t.parquet", "t.parquet.failed.parquet"]
