@@ -222,6 +222,8 @@ class TableBatchResult(BatchResult[Any, Any]):
     failed ones also in ``failed_path``)."""
 
     failed_ids: list[str] = field(default_factory=list)
+    failed_categories: list[str] = field(default_factory=list)  # of ``failed_ids``, same order
+    summary: dict[str, Any] = field(default_factory=dict)  # the output's ``attrs["batchllm"]``
     replayed: int = 0
     invalid_input: int = 0
     cost_usd: float = 0.0
@@ -371,6 +373,10 @@ async def _enrich_table_file(
             f"enrich_table_file streams online requests; execution={config.execution!r} needs the whole "
             "table: use enrich_dataframe"
         )
+    if isinstance(model_block, str):  # a saved block's name (Block.load would return a coroutine here)
+        from prefect_batchllm.prefect.blocks import GeminiCachedModelBlock
+
+        model_block = await GeminiCachedModelBlock.aload(model_block)
     resolved = _strategy(strategy, model_block, output_type)
     output_type = output_type or _model_type(getattr(resolved, "response_schema", None))
     if config.chunk_size is None:
@@ -423,6 +429,8 @@ async def _enrich_table_file(
         total_cached_tokens=tally.tokens["cached_input_tokens"],
         wall_time_s=drive.wall_time_s if drive is not None else 0.0,
         failed_ids=[f[1] for f in tally.failed],
+        failed_categories=[f[2] for f in tally.failed],
+        summary=attrs["batchllm"],
         replayed=tally.replayed,
         invalid_input=tally.invalid_input,
         cost_usd=tally.cost,
