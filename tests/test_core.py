@@ -437,21 +437,14 @@ def test_agent_strategies_are_shared_per_agent_and_not_leaked() -> None:
     assert len(items_module._AGENT_STRATEGIES) <= before - 2  # nothing kept once the items are gone
 
 
-def test_item_task_gets_refresh_expiration_and_storage_options() -> None:
-    from datetime import timedelta
-
+def test_item_task_gets_retry_policy_and_persists_nothing_itself() -> None:
+    """Per-item task runs retry by RetryConfig; the batch's ResultLog persists results, not each run."""
+    from prefect_batchllm.core.config import RetryConfig
     from prefect_batchllm.prefect.tasks import configured_item_task
 
-    task = configured_item_task(
-        ProcessorConfig(refresh_cache=True, cache_expiration_s=90, result_storage="local-file-system/results")
-    )
-    assert task.refresh_cache is True
-    assert task.cache_expiration == timedelta(seconds=90)
-    assert task.result_storage == "local-file-system/results"
-    default = configured_item_task(ProcessorConfig())
-    assert (
-        default.refresh_cache is False and default.cache_expiration is None and default.result_storage is None
-    )
+    task = configured_item_task(ProcessorConfig(retry=RetryConfig(max_attempts=4, jitter=False)))
+    assert task.retries == 3
+    assert task.persist_result is False
 
 
 def test_provider_layer_imports_nothing_from_prefect() -> None:
@@ -469,3 +462,41 @@ def test_provider_layer_imports_nothing_from_prefect() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_batch_tally_gives_the_same_statistics_as_the_full_result() -> None:
+    """A streamed run's BatchResult (summary mode) reports what the full one would, keeping only failures."""
+    from prefect_batchllm.core.items import BatchResult, BatchTally, WorkItemResult
+
+    results = [
+        WorkItemResult(
+            f"i{n}",
+            n % 3 != 0,
+            output="x" if n % 3 else None,
+            error=None if n % 3 else "boom",
+            error_category=None if n % 3 else ("transient" if n % 2 else "fatal"),
+            token_usage={"input_tokens": 10 * n, "output_tokens": n, "cached_input_tokens": n // 2},
+            attempts=n % 4,
+            replayed=n % 5 == 0,
+            model="gemini-2.5-flash" if n % 2 else "no-such-model",
+            metadata={"billing": "batch"} if n % 7 == 0 else {},
+        )
+        for n in range(40)
+    ]
+    full = BatchResult(results=results)
+    tally = BatchTally()
+    for r in results:
+        tally.add(r)
+    streamed = BatchResult(results=[], summary=tally)
+    for name in ("total_items", "succeeded", "failed", "total_input_tokens", "total_output_tokens"):
+        assert getattr(streamed, name) == getattr(full, name), name
+    assert streamed.total_cached_tokens == full.total_cached_tokens
+    assert streamed.estimated_cost_usd == pytest.approx(full.estimated_cost_usd)
+    assert streamed.error_categories() == full.error_categories()
+    assert streamed.unpriced_models == full.unpriced_models == ["no-such-model"]
+    assert (streamed.replayed_count, streamed.total_attempts, streamed.billed_batch_count) == (
+        full.replayed_count,
+        full.total_attempts,
+        full.billed_batch_count,
+    )
+    assert [r.item_id for r in streamed.results] == [r.item_id for r in full.failed_items()]

@@ -811,16 +811,16 @@ async def test_unexpected_error_outside_the_task_fails_only_that_item() -> None:
 
 
 async def test_unpicklable_persisted_result_becomes_a_failed_item(monkeypatch: pytest.MonkeyPatch) -> None:
-    from prefect_batchllm.prefect import flows as flows_module
+    from prefect_batchllm.prefect.execution import BatchExecution
 
-    original = flows_module._execute_as_task
+    original = BatchExecution._attempts
 
-    async def broken(item_task: Any, item: Any, run: Any) -> Any:
+    async def broken(self: Any, run: Any, item: Any) -> Any:
         if item.item_id == "item-001":
             raise ModuleNotFoundError("No module named 'renamed_module'")
-        return await original(item_task, item, run)
+        return await original(self, run, item)
 
-    monkeypatch.setattr(flows_module, "_execute_as_task", broken)
+    monkeypatch.setattr(BatchExecution, "_attempts", broken)
     result = await run_batch(_items(Counting(), 3, _tag()), ProcessorConfig(persist_results=False))
     assert [r.success for r in result.results] == [True, False, True]
     failed = result.by_id()["item-001"]
@@ -881,7 +881,7 @@ async def test_strategy_swapped_in_by_middleware_is_prepared_once_and_cleaned_up
 async def test_per_item_strategies_skip_noop_lifecycle_tasks_and_bound_prepares(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from prefect_batchllm.prefect import flows as flows_module
+    from prefect_batchllm.prefect import execution as flows_module
 
     task_calls: list[str] = []
     real_prepare, real_cleanup = flows_module.prepare_strategy, flows_module.cleanup_strategy

@@ -141,8 +141,62 @@ class WorkItemResult(Generic[TOutput, TContext]):
 
 
 @dataclass
+class BatchTally:
+    """Running totals of a batch's results, without keeping the successes: what a streamed table run
+    (millions of rows) reduces to. ``failed`` keeps every failed result (compact: no output)."""
+
+    total_items: int = 0
+    succeeded: int = 0
+    replayed: int = 0
+    attempts: int = 0
+    billed_batch: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float = 0.0
+    unpriced_models: set[str] = field(default_factory=set)
+    prompt_templates: dict[str, int] = field(default_factory=dict)
+    failed: list[WorkItemResult[Any, Any]] = field(default_factory=list)
+
+    def add(self, result: WorkItemResult[Any, Any]) -> None:
+        """Count one result (its output is not kept)."""
+        self.total_items += 1
+        usage = result.token_usage
+        self.input_tokens += usage.get("input_tokens", 0)
+        self.output_tokens += usage.get("output_tokens", 0)
+        self.cached_tokens += usage.get("cached_input_tokens", 0)
+        self.attempts += result.attempts
+        self.replayed += result.replayed
+        billing = str(result.metadata.get("billing") or "online")
+        self.billed_batch += billing == "batch"
+        if result.model:
+            price = price_for(result.model)
+            if price is None:
+                self.unpriced_models.add(result.model)
+            else:
+                self.cost_usd += price.cost(
+                    usage.get("input_tokens", 0),
+                    usage.get("output_tokens", 0),
+                    usage.get("cached_input_tokens", 0),
+                    billing=billing,
+                )
+        ref = result.metadata.get("prompt_template")
+        if isinstance(ref, dict) and ref.get("name"):
+            key = f"{ref['name']}@{ref.get('version')}"
+            self.prompt_templates[key] = self.prompt_templates.get(key, 0) + 1
+        if result.success:
+            self.succeeded += 1
+        else:
+            self.failed.append(result)
+
+
+@dataclass
 class BatchResult(Generic[TOutput, TContext]):
-    """All results of a batch, one per input item, in input order, with summary statistics."""
+    """All results of a batch, one per input item, in input order, with summary statistics.
+
+    A streamed table run (``summary`` set) keeps only its failed results in ``results``; the statistics
+    (counts, tokens, cost, categories, templates) still cover every item.
+    """
 
     results: list[WorkItemResult[TOutput, TContext]]
     total_items: int = 0
@@ -155,8 +209,17 @@ class BatchResult(Generic[TOutput, TContext]):
     prices: dict[str, ModelPrice] | None = None  # per-model overrides of the default price table
     #: Gemini batch jobs of an ``execution="batch_api"`` run: name, state, mode, model, counts.
     batch_jobs: list[dict[str, Any]] = field(default_factory=list)
+    #: A streamed run's totals; ``results`` then holds only the failed items.
+    summary: BatchTally | None = None
 
     def __post_init__(self) -> None:
+        if self.summary is not None:
+            t = self.summary
+            self.results = list(t.failed)
+            self.total_items, self.succeeded, self.failed = t.total_items, t.succeeded, len(t.failed)
+            self.total_input_tokens, self.total_output_tokens = t.input_tokens, t.output_tokens
+            self.total_cached_tokens = t.cached_tokens
+            return
         self.total_items = len(self.results)
         self.succeeded = sum(1 for r in self.results if r.success)
         self.failed = self.total_items - self.succeeded
@@ -187,8 +250,31 @@ class BatchResult(Generic[TOutput, TContext]):
         return {r.item_id: r for r in self.results}
 
     @property
+    def replayed_count(self) -> int:
+        """Items loaded from an earlier run's persisted result."""
+        if self.summary is not None:
+            return self.summary.replayed
+        return sum(1 for r in self.results if r.replayed)
+
+    @property
+    def total_attempts(self) -> int:
+        """Attempts made in this run (replayed items count 0)."""
+        if self.summary is not None:
+            return self.summary.attempts
+        return sum(r.attempts for r in self.results)
+
+    @property
+    def billed_batch_count(self) -> int:
+        """Items answered by Gemini batch jobs (billed at batch prices)."""
+        if self.summary is not None:
+            return self.summary.billed_batch
+        return sum(1 for r in self.results if r.metadata.get("billing") == "batch")
+
+    @property
     def estimated_cost_usd(self) -> float:
         """Estimated spend from each item's model and tokens (0 for models without a known price)."""
+        if self.summary is not None:
+            return self.summary.cost_usd
         total = 0.0
         for r in self.results:
             price = price_for(r.model, self.prices)
@@ -205,11 +291,15 @@ class BatchResult(Generic[TOutput, TContext]):
     @property
     def unpriced_models(self) -> list[str]:
         """Models that appear in the results but have no price (their cost counts as 0)."""
+        if self.summary is not None:
+            return sorted(self.summary.unpriced_models)
         names = {r.model for r in self.results if r.model}
         return sorted(n for n in names if price_for(n, self.prices) is None)
 
     def prompt_templates(self) -> dict[str, int]:
         """Item counts by prompt template (``"name@version"``), from each result's metadata."""
+        if self.summary is not None:
+            return dict(self.summary.prompt_templates)
         counts: dict[str, int] = {}
         for r in self.results:
             ref = r.metadata.get("prompt_template") if isinstance(r.metadata, dict) else None
@@ -227,7 +317,7 @@ class BatchResult(Generic[TOutput, TContext]):
         return counts
 
     def to_dataframe(self) -> pd.DataFrame:
-        """One row per item, in input order (outputs kept as Python objects)."""
+        """One row per item, in input order (outputs kept as Python objects); a streamed run's failed rows."""
         import pandas as pd
 
         rows = [

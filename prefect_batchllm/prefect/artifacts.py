@@ -136,8 +136,8 @@ def summary_markdown(batch: BatchResult[Any, Any], title: str = "Batch summary")
     """Markdown: counts, tokens, cache hit rate, estimated cost, wall time, throughput, error categories."""
     wall = batch.wall_time_s
     rate = batch.total_items / wall if wall > 0 else 0.0
-    replayed = sum(1 for r in batch.results if r.replayed)
-    attempts = sum(r.attempts for r in batch.results)
+    replayed = batch.replayed_count
+    attempts = batch.total_attempts
     failed = f"**{_fmt_int(batch.failed)} failed**" if batch.failed else "none failed"
     lines = [
         f"# {title}",
@@ -168,7 +168,7 @@ def summary_markdown(batch: BatchResult[Any, Any], title: str = "Batch summary")
     unpriced = batch.unpriced_models
     if unpriced:
         lines.append(f"| models without a price (cost 0) | {', '.join(unpriced)} |")
-    billed_batch = sum(1 for r in batch.results if r.metadata.get("billing") == "batch")
+    billed_batch = batch.billed_batch_count
     if billed_batch:
         lines.append(f"| answered by batch jobs (batch prices) | {_fmt_int(billed_batch)} |")
     if batch.batch_jobs:

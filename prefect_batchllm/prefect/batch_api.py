@@ -32,13 +32,13 @@ import logging
 import time
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
-from prefect.results import ResultStore
+from prefect.utilities.annotations import quote
 
 from prefect_batchllm.core.attempt import AttemptFailed, call_on_error, check_prompt
 from prefect_batchllm.core.config import ProcessorConfig
@@ -71,7 +71,8 @@ from prefect_batchllm.models.gemini_batch import (
     submit_job,
     wait_for_job,
 )
-from prefect_batchllm.prefect.tasks import BatchRun, _load_persisted, item_cache_key
+from prefect_batchllm.prefect.result_log import ResultLog
+from prefect_batchllm.prefect.tasks import BatchRun, item_cache_key, strategy_key
 
 logger = logging.getLogger("prefect_batchllm")
 
@@ -193,10 +194,6 @@ class _Job:
     submitted_at: float = field(default_factory=time.monotonic)
 
 
-# In-process registry: the submit task gets a key, never the (large, unpicklable) plan itself.
-_JOBS: dict[str, _Job] = {}
-
-
 def _job_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return str(parameters["job_key"])
 
@@ -209,11 +206,10 @@ def _job_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     cache_expiration=JOB_NAME_TTL,
     retries=0,
 )
-async def submit_batch_job(label: str, job_key: str, registry_key: str, adopt: bool = True) -> str:
+async def submit_batch_job(label: str, job_key: str, job: _Job, adopt: bool = True) -> str:
     """Submit one Gemini batch job (or, with ``adopt``, adopt the one a crashed earlier submission created);
     returns its name. Persisted under ``job_key`` (derived from the requests' content), so later runs
-    re-attach."""
-    job = _JOBS[registry_key]
+    re-attach. ``job`` is passed quoted (by reference: the flow's process submits every job)."""
     display = f"{DISPLAY_PREFIX}{job_key[:40]}"
     found = None
     try:
@@ -279,7 +275,7 @@ class BatchApiStep:
     """Runs a batch's items as Gemini batch jobs; the flow's workers await :meth:`outcome` per item."""
 
     def __init__(
-        self, run: BatchRun, items: Sequence[LLMWorkItem[Any, Any]], store: ResultStore | None
+        self, run: BatchRun, items: Sequence[LLMWorkItem[Any, Any]], store: ResultLog | None
     ) -> None:
         self.run = run
         self.config = run.config
@@ -289,7 +285,6 @@ class BatchApiStep:
         self._futures: dict[str, asyncio.Future[BatchOutcome | None]] = {
             item.item_id: asyncio.get_running_loop().create_future() for item in self.items
         }
-        self._keys: list[str] = []
         self._by_id = {item.item_id: item for item in self.items}
 
     # -- what the flow's workers call ---------------------------------------------------------------
@@ -327,9 +322,6 @@ class BatchApiStep:
                 )
             if not isinstance(exc, Exception):
                 raise
-        finally:
-            for key in self._keys:
-                _JOBS.pop(key, None)
 
     async def _run(self) -> None:
         pending = await self._replay()
@@ -363,11 +355,12 @@ class BatchApiStep:
         """Resolve items with a persisted result or a failed ``prepare()``; return the rest (in order)."""
 
         async def replayed(item: LLMWorkItem[Any, Any]) -> bool:
-            if id(item.strategy) in self.run.prepare_errors:
+            if strategy_key(item.strategy) in self.run.prepare_errors:
                 await self._resolve(item, None)  # the online path reports the prepare failure
                 return True
             if self.store is not None and not self.config.refresh_cache:
-                persisted = await _load_persisted(self.store, item_cache_key(item))
+                key = item_cache_key(item)
+                persisted = (await self.store.lookup([key])).get(key)
                 if persisted is not None:
                     await self._resolve(item, BatchOutcome(persisted, replayed=True))
                     return True
@@ -457,9 +450,6 @@ class BatchApiStep:
 
     async def _submit(self, job: _Job, *, refresh: bool = False) -> None:
         """Submit (or re-attach to) ``job``; on a re-attached job that ended badly or is gone, submit anew."""
-        registry_key = f"{self.run.key}:{job.record.key}:{job.record.generation}"
-        _JOBS[registry_key] = job
-        self._keys.append(registry_key)
         options: dict[str, Any] = {"refresh_cache": refresh or self.config.refresh_cache}
         persist = self.config.persist_results
         if not persist:
@@ -470,7 +460,7 @@ class BatchApiStep:
         state = await submit_batch_job.with_options(**options)(
             label=label,
             job_key=job.record.key,
-            registry_key=registry_key,
+            job=quote(job),
             adopt=not self.config.refresh_cache,  # refresh_cache: every item is requested anew
             return_state=True,
         )
@@ -678,11 +668,8 @@ class BatchApiStep:
         """Write a collected success under the item's key (the store online mode uses), before it is final."""
         if self.store is None:
             return
-        expiration = None
-        if self.config.cache_expiration_s is not None:
-            expiration = datetime.now(UTC) + timedelta(seconds=self.config.cache_expiration_s)
         try:
-            await self.store.awrite(obj=outcome.value, key=item_cache_key(item), expiration=expiration)
+            await self.store.add(item_cache_key(item), outcome.value)
         except Exception as exc:  # the answer is still returned; only its replay is lost
             logger.warning("could not persist the batch result of %s: %s", item.item_id, describe_error(exc))
 

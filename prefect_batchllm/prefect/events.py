@@ -98,7 +98,7 @@ def batch_completed_data(batch: BatchResult[Any, Any]) -> dict[str, Any]:
         "failed": failed,
         "pending": pending,
         "failure_rate": round(failed / total, 6) if total else 0.0,
-        "replayed": sum(1 for r in batch.results if r.replayed),
+        "replayed": batch.replayed_count,
         "estimated_cost_usd": round(batch.estimated_cost_usd, 8),
         "cache_hit_rate": round(batch.cache_hit_rate(), 4),
         "input_tokens": batch.total_input_tokens,

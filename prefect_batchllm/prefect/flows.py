@@ -21,8 +21,8 @@ import contextvars
 import functools
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from prefect.context import FlowRunContext
@@ -30,14 +30,10 @@ from prefect.logging import get_run_logger
 from prefect.utilities.annotations import quote
 
 from prefect_batchllm.core.admission import Admission, Unlimited
-from prefect_batchllm.core.attempt import AttemptFailed
 from prefect_batchllm.core.config import ProcessorConfig
 from prefect_batchllm.core.errors import (
     DefaultErrorClassifier,
-    ErrorCategory,
     ErrorClassifier,
-    ErrorInfo,
-    describe_error,
     redact,
 )
 from prefect_batchllm.core.events import (
@@ -53,25 +49,14 @@ from prefect_batchllm.core.items import BatchResult, LLMWorkItem, WorkItemResult
 from prefect_batchllm.core.pricing import price_for
 from prefect_batchllm.core.stop import BatchStop
 from prefect_batchllm.core.strategy import LLMCallStrategy
-from prefect_batchllm.core.tokens import normalize_usage
-from prefect_batchllm.prefect.artifacts import ProgressArtifact, slugify_key, task_run_metadata
+from prefect_batchllm.prefect.artifacts import ProgressArtifact, slugify_key
 from prefect_batchllm.prefect.events import PauseEvents, PrefectEventBridge, batch_completed_data
+from prefect_batchllm.prefect.execution import BatchExecution, Report, items_chunks, safe_model_name, shielded
 from prefect_batchllm.prefect.flow_base import BatchLLMFlow
 from prefect_batchllm.prefect.progress import close_terminal_progress, with_terminal_progress
 from prefect_batchllm.prefect.redaction import install_redaction
-from prefect_batchllm.prefect.tasks import (
-    BatchRun,
-    chunk_result_store,
-    cleanup_strategy,
-    close_run,
-    configured_item_task,
-    open_run,
-    prepare_strategy,
-    process_chunk,
-    run_item_inline,
-    safe_reason,
-    summarize_batch,
-)
+from prefect_batchllm.prefect.result_log import ResultLog
+from prefect_batchllm.prefect.tasks import summarize_batch
 
 logger = logging.getLogger("prefect_batchllm")
 
@@ -136,7 +121,7 @@ def validate_batch_inputs(items: Any, config: Any) -> tuple[list[LLMWorkItem[Any
     check_unique_ids(items)
     if config.max_cost_usd is not None and not config.dry_run:
         for strategy in _unique_strategies(items):
-            model = _safe_model_name(strategy)
+            model = safe_model_name(strategy)
             if price_for(model) is None:
                 raise ValueError(
                     f"ProcessorConfig.max_cost_usd is set but {type(strategy).__name__} uses model "
@@ -289,235 +274,6 @@ def _unique_strategies(items: Sequence[LLMWorkItem[Any, Any]]) -> list[LLMCallSt
     return list(seen.values())
 
 
-def _strategy_label(index: int, strategy: LLMCallStrategy[Any]) -> str:
-    return f"{index}-{slugify_key(type(strategy).__name__, 'strategy')}"
-
-
-def _overrides(strategy: LLMCallStrategy[Any], hook: str) -> bool:
-    """Whether ``strategy`` has its own ``prepare`` / ``cleanup`` (the base ones are no-ops)."""
-    return getattr(type(strategy), hook, None) is not getattr(LLMCallStrategy, hook)
-
-
-def _batch_stop(config: ProcessorConfig, events: EventDispatcher) -> BatchStop:
-    """The batch's stop switch: systematic errors and the cost budget, reported as ProcessingEvents."""
-
-    async def on_stop(category: ErrorCategory, reason: str, data: dict[str, Any]) -> None:
-        event = (
-            ProcessingEvent.BUDGET_EXCEEDED
-            if category is ErrorCategory.BUDGET_EXCEEDED
-            else ProcessingEvent.BATCH_STOPPED
-        )
-        await events.emit(event, {"category": category.value, "reason": reason, **data})
-
-    return BatchStop(
-        stop_after_errors=None if config.dry_run else config.stop_after_systematic_errors,
-        max_cost_usd=None if config.dry_run else config.max_cost_usd,
-        on_stop=on_stop,
-    )
-
-
-async def _prepare_all(
-    run: BatchRun, strategies: list[LLMCallStrategy[Any]], start: int = 0, limit: int | None = None
-) -> None:
-    """One prepare task per unique strategy with a real ``prepare()``, at most ``limit`` at a time.
-
-    Strategies with the base no-op ``prepare`` get no task (per-item strategies would otherwise cost one
-    task run each) but still count as prepared, so their ``cleanup()`` runs. Failures fail that
-    strategy's items.
-    """
-    semaphore = asyncio.Semaphore(max(1, limit or run.config.max_workers))
-
-    async def prepare(index: int, strategy: LLMCallStrategy[Any]) -> None:
-        if not _overrides(strategy, "prepare"):
-            run.prepared.add(id(strategy))
-            return
-        async with semaphore:
-            state = await prepare_strategy(
-                _strategy_label(index, strategy), quote(strategy), run.key, return_state=True
-            )
-        if not state.is_completed():
-            exc = await state.aresult(raise_on_failure=False)
-            if not isinstance(exc, AttemptFailed):  # the task itself could not run
-                reason = describe_error(exc) if isinstance(exc, BaseException) else redact(str(state.message))
-                info = ErrorInfo(ErrorCategory.UNKNOWN, False, reason=reason)
-                exc = AttemptFailed(type(strategy).__name__, 1, info, f"prepare() failed: {reason}")
-            run.prepare_errors[id(strategy)] = exc
-            logger.warning("prepare() of %s failed; its items fail: %s", type(strategy).__name__, exc)
-
-    await asyncio.gather(*(prepare(i, s) for i, s in enumerate(strategies, start)))
-
-
-async def _cleanup_all(run: BatchRun, strategies: list[LLMCallStrategy[Any]]) -> None:
-    """One cleanup task per prepared strategy with a real ``cleanup()``, ``max_workers`` at a time;
-    falls back to a direct call if the task cannot run."""
-    semaphore = asyncio.Semaphore(max(1, run.config.max_workers))
-
-    async def cleanup(index: int, strategy: LLMCallStrategy[Any]) -> None:
-        async with semaphore:
-            await _cleanup_one(run, index, strategy)
-
-    await asyncio.gather(*(cleanup(i, s) for i, s in enumerate(strategies)))
-
-
-async def _cleanup_one(run: BatchRun, index: int, strategy: LLMCallStrategy[Any]) -> None:
-    if id(strategy) not in run.prepared or id(strategy) in run.cleaned:
-        return
-    if not _overrides(strategy, "cleanup"):
-        run.cleaned.add(id(strategy))
-        return
-    try:
-        state = await cleanup_strategy(
-            _strategy_label(index, strategy), quote(strategy), run.key, return_state=True
-        )
-        if not state.is_completed():
-            logger.warning("cleanup() of %s failed: %s", type(strategy).__name__, state.message)
-    except BaseException as exc:  # the engine could not run the task: clean up directly
-        logger.debug("cleanup task could not run (%s); calling cleanup() directly", exc)
-    if id(strategy) not in run.cleaned:
-        run.cleaned.add(id(strategy))
-        try:
-            await strategy.cleanup()
-        except Exception as exc:
-            logger.warning("cleanup() of %s failed: %s", type(strategy).__name__, safe_reason(exc))
-
-
-async def _shielded(coro: Any) -> None:
-    """Run ``coro`` to completion in its own task even if the caller is cancelled meanwhile."""
-    job = asyncio.ensure_future(coro)
-    cancelled = False
-    while not job.done():
-        try:
-            await asyncio.shield(job)
-        except asyncio.CancelledError:
-            cancelled = True
-    job.result()
-    if cancelled:
-        raise asyncio.CancelledError
-
-
-async def _middleware_before(
-    middlewares: list[Middleware], item: LLMWorkItem[Any, Any]
-) -> LLMWorkItem[Any, Any] | None:
-    current: LLMWorkItem[Any, Any] | None = item
-    for mw in middlewares:
-        try:
-            changed = await mw.before_process(current)  # type: ignore[arg-type]
-        except Exception as exc:
-            logger.warning("middleware %r before_process failed (ignored): %s", mw, safe_reason(exc))
-            continue
-        if changed is None:
-            return None
-        if not isinstance(changed, LLMWorkItem) or changed.item_id != item.item_id:
-            logger.warning("middleware %r must return the item (same item_id) or None; ignored", mw)
-            continue
-        current = changed
-    return current
-
-
-async def _middleware_after(
-    middlewares: list[Middleware], result: WorkItemResult[Any, Any]
-) -> WorkItemResult[Any, Any]:
-    for mw in reversed(middlewares):
-        try:
-            changed = await mw.after_process(result)
-        except Exception as exc:
-            logger.warning("middleware %r after_process failed (ignored): %s", mw, safe_reason(exc))
-            continue
-        if isinstance(changed, WorkItemResult):
-            result = changed
-    return result
-
-
-async def _middleware_on_error(
-    middlewares: list[Middleware], item: LLMWorkItem[Any, Any], error: Exception
-) -> WorkItemResult[Any, Any] | None:
-    for mw in middlewares:
-        try:
-            recovered = await mw.on_error(item, error)
-        except Exception as exc:
-            logger.warning("middleware %r on_error failed (ignored): %s", mw, safe_reason(exc))
-            continue
-        if isinstance(recovered, WorkItemResult):
-            return recovered
-    return None
-
-
-def _outcome(
-    value: Any, item: LLMWorkItem[Any, Any], run: BatchRun, *, replayed: bool
-) -> tuple[WorkItemResult[Any, Any], Exception | None]:
-    """The item's WorkItemResult from what its execution returned or raised (and the failure, if any)."""
-    ledger = run.ledger(item.item_id)
-    if isinstance(value, AttemptFailed):
-        return _failed(item, ledger, value, value.category, value.message), value
-    if isinstance(value, Exception):
-        return _failed(item, ledger, value, "unknown"), value
-    if not isinstance(value, WorkItemResult):
-        error = TypeError(f"item task returned {type(value).__name__}, not a WorkItemResult")
-        return _failed(item, ledger, error, "fatal"), error
-    result = WorkItemResult(**{f.name: getattr(value, f.name) for f in fields(WorkItemResult)})
-    result.context = item.context
-    if replayed:
-        # Loaded from an earlier run's persisted result: nothing was requested or billed now.
-        result.replayed = True
-        result.metadata = {**result.metadata, "replayed_token_usage": dict(result.token_usage)}
-        result.token_usage = normalize_usage(None)
-        result.attempts = 0
-        result.duration_s = 0.0
-    return result, None
-
-
-async def _execute_as_task(
-    item_task: Any, item: LLMWorkItem[Any, Any], run: BatchRun
-) -> tuple[WorkItemResult[Any, Any], Exception | None]:
-    """Per-item mode: one task run (Prefect retries, Prefect's result cache)."""
-    state = await item_task(item_id=item.item_id, item=quote(item), run_key=run.key, return_state=True)
-    if state.is_completed():
-        replayed = state.name == "Cached" and run.ledger(item.item_id).attempts == 0
-        return _outcome(await state.aresult(), item, run, replayed=replayed)
-    exc = await state.aresult(raise_on_failure=False)
-    if not isinstance(exc, Exception):
-        exc = RuntimeError(str(state.message or state.name))
-    return _outcome(exc, item, run, replayed=False)
-
-
-async def _execute_inline(
-    item: LLMWorkItem[Any, Any], run: BatchRun
-) -> tuple[WorkItemResult[Any, Any], Exception | None]:
-    """Chunked mode: inside the chunk's task run (same retries and persisted results)."""
-    try:
-        value, replayed = await run_item_inline(item, run)
-    except AttemptFailed as failure:
-        return _outcome(failure, item, run, replayed=False)
-    return _outcome(value, item, run, replayed=replayed)
-
-
-def _failed(
-    item: LLMWorkItem[Any, Any], ledger: Any, error: BaseException, category: str, message: str | None = None
-) -> WorkItemResult[Any, Any]:
-    return WorkItemResult(
-        item_id=item.item_id,
-        success=False,
-        error=message or describe_error(error),
-        context=item.context,
-        token_usage=ledger.token_usage,
-        gemini_safety_ratings=ledger.safety_ratings,
-        error_category=category,
-        attempts=ledger.attempts,
-        duration_s=ledger.duration_s,
-        model=_safe_model_name(item.strategy),
-        metadata=task_run_metadata(ledger),
-    )
-
-
-def _safe_model_name(strategy: Any) -> str | None:
-    """The strategy's model name, or ``None`` when its (user-written) property raises."""
-    try:
-        name = strategy.model_name
-    except Exception:
-        return None
-    return name if isinstance(name, str) else None
-
-
 # --------------------------------------------------------------------------------------------------
 # The flow
 
@@ -543,28 +299,36 @@ def _masking_errors(fn: Any) -> Any:
     return wrapper
 
 
-@_masking_errors
-async def _run_batch(
-    items: Sequence[LLMWorkItem[Any, Any]],
-    config: ProcessorConfig | None = None,
+@dataclass
+class DriveOutcome:
+    """What a driven batch leaves for its reduce step."""
+
+    artifact_prefix: str
+    wall_time_s: float
+    batch_jobs: list[dict[str, Any]] | None
+    stop: BatchStop
+    events: EventDispatcher
+
+
+async def drive_batch(
+    execution: BatchExecution,
+    *,
+    total: int,
+    strategies: Iterable[LLMCallStrategy[Any]],
+    dispatch: Callable[[], Awaitable[None]],
+    collect: Report,
     post_processor: PostProcessorFunc | None = None,
-    error_classifier: ErrorClassifier | None = None,
-    middlewares: list[Middleware] | None = None,
     observers: list[ProcessorObserver] | None = None,
     progress_callback: ProgressCallbackFunc | None = None,
-) -> BatchResult[Any, Any]:
-    """Run every item as a Prefect task and return the :class:`BatchResult` (one result per item,
-    in input order). Failed items are Failed task runs; the flow still returns the whole result unless
-    ``config.fail_on_item_failure`` is set, in which case it raises :class:`BatchItemsFailed` after
-    writing results and artifacts.
+    batch_api_items: Sequence[LLMWorkItem[Any, Any]] | None = None,
+) -> DriveOutcome:
+    """The flow-side steps every batch shares: limiter, events and progress, prepare, ``dispatch()``,
+    per-item reporting (events, ``progress_callback``, ``post_processor``, then ``collect``), cleanup.
 
-    ``post_processor`` runs for every successful item, *including* results replayed from an earlier run
-    (``result.replayed is True``), so a write that failed or never happened then is retried now. It must
-    therefore be idempotent (an upsert), or skip replayed results itself.
+    ``run_batch`` dispatches its in-memory items, a table run its slices; each reduces in its own way.
     """
-    items, config = validate_batch_inputs(items, config)
+    config = execution.config
     install_redaction()
-    mws = list(middlewares or [])
     caller = _CALLER.get()
     bridge = PrefectEventBridge.for_current_run(caller.deployment_id if caller else None)
     observers = with_terminal_progress(observers, label=_run_label())  # a live bar when a person watches
@@ -573,75 +337,12 @@ async def _run_batch(
     )
     pauses = PauseEvents(events)  # the limiter's 429 pauses -> COOLDOWN_STARTED / COOLDOWN_ENDED
     admission = Unlimited() if config.dry_run else await _admission_for(config, on_pause=pauses.on_pause)
-    run = BatchRun(config, admission, error_classifier or DefaultErrorClassifier(), events)
-    run.stop = _batch_stop(config, events)
-    total = len(items)
-    results: list[WorkItemResult[Any, Any] | None] = [None] * total
-    strategies = _unique_strategies(items)
-    ready: set[int] = set()  # strategies whose prepare step has finished (or failed)
-    lazy_lock = asyncio.Lock()
-    batch_step: Any = None  # execution="batch_api": the Gemini batch-job step (prefect/batch_api.py)
+    prefix = await _artifact_prefix(config)
+    progress = ProgressArtifact(prefix, total, config.progress_interval)
     completed = 0
-    started = time.monotonic()
 
-    async def ensure_prepared(strategy: LLMCallStrategy[Any]) -> None:
-        """Prepare a strategy swapped in by middleware ``before_process``: once, under a lock; it is
-        then cleaned up with the others."""
-        if id(strategy) in ready:
-            return
-        async with lazy_lock:
-            if id(strategy) in ready:
-                return
-            strategies.append(strategy)  # keeps it alive (stable id) and in the cleanup list
-            try:
-                if not config.dry_run:
-                    await _prepare_all(run, [strategy], start=len(strategies) - 1)
-            finally:
-                ready.add(id(strategy))
-
-    async def process(index: int, item: LLMWorkItem[Any, Any]) -> WorkItemResult[Any, Any]:
-        current = await _middleware_before(mws, item)
-        if current is None:
-            return WorkItemResult(
-                item.item_id,
-                False,
-                error="skipped by middleware",
-                context=item.context,
-                error_category="skipped",
-            )
-        await ensure_prepared(current.strategy)
-        await events.emit(ProcessingEvent.ITEM_STARTED, {"item_id": item.item_id, "index": index})
-        batch_outcome = await batch_step.outcome(current) if batch_step is not None else None
-        if batch_outcome is not None:  # answered (or failed) by a Gemini batch job
-            result, error = _outcome(batch_outcome.value, current, run, replayed=batch_outcome.replayed)
-            result.metadata.update(batch_outcome.metadata)  # billing="batch" for failed answers too
-        elif config.chunk_size is None:
-            result, error = await _execute_as_task(item_task, current, run)
-        else:
-            result, error = await _execute_inline(current, run)
-        if result.success and not result.replayed:
-            result = await _middleware_after(mws, result)
-        elif not result.success and error is not None:
-            # Middleware sees the original provider exception (with its cause), not the quiet AttemptFailed
-            # that went to Prefect.
-            original = run.ledger(item.item_id).last_exception
-            cause = original if isinstance(original, Exception) else error
-            recovered = await _middleware_on_error(mws, current, cause)
-            if recovered is not None:
-                result = recovered
-        return result
-
-    async def run_one(index: int, item: LLMWorkItem[Any, Any]) -> None:
+    async def report(position: int, result: WorkItemResult[Any, Any]) -> None:
         nonlocal completed
-        try:
-            result = await process(index, item)
-        except Exception as exc:  # e.g. an unloadable persisted result, a raising user property
-            # One item's unexpected error must not cancel the TaskGroup and lose every other result.
-            logger.warning("item %s failed outside its task: %s", item.item_id, safe_reason(exc))
-            result = _failed(item, run.ledger(item.item_id), exc, "unknown", safe_reason(exc))
-        if item.template is not None:  # every result records the prompt template it was made from
-            result.metadata = {**result.metadata, "prompt_template": item.template.as_dict()}
-        results[index] = result
         if result.success:
             await events.emit(
                 ProcessingEvent.ITEM_COMPLETED,
@@ -682,46 +383,11 @@ async def _run_batch(
             )
             if not ok:
                 result.post_processor_error = message
+        await collect(position, result)
 
-    pending = iter(enumerate(items))
-
-    async def worker() -> None:
-        for index, item in pending:  # shared iterator: each item is taken by exactly one worker
-            await run_one(index, item)
-
-    in_flight = asyncio.Semaphore(config.max_workers)  # chunked mode: items in flight across all chunks
-
-    async def run_items(start: int, stop: int) -> list[WorkItemResult[Any, Any]]:
-        """Chunked mode, called by the chunk's task: items ``[start, stop)``; returns the failures."""
-
-        async def gated(index: int) -> None:
-            async with in_flight:
-                await run_one(index, items[index])
-
-        async with asyncio.TaskGroup() as group:
-            for index in range(start, stop):
-                group.create_task(gated(index))
-        return [r for r in results[start:stop] if r is not None and not r.success]
-
-    async def chunk_worker(starts: Iterator[int], size: int) -> None:
-        for start in starts:  # shared iterator: each chunk is taken by exactly one worker
-            stop = min(start + size, total)
-            label = f"chunk-{start // size + 1}: {items[start].item_id} .. {items[stop - 1].item_id}"
-            state = await process_chunk(
-                label=label, start=start, stop=stop, run_key=run.key, return_state=True
-            )
-            for index in range(start, stop):  # a chunk that crashed before its items ran loses none of them
-                if results[index] is None:
-                    item = items[index]
-                    reason = f"chunk task ended {state.name}: {state.message or 'no message'}"
-                    error = RuntimeError(reason)
-                    results[index] = _failed(item, run.ledger(item.item_id), error, "unknown", reason)
-
+    run = execution.start(admission, events, report)
+    started = time.monotonic()
     try:
-        open_run(run)
-        prefix = await _artifact_prefix(config)
-        progress = ProgressArtifact(prefix, total, config.progress_interval)
-        item_task = configured_item_task(config)
         await progress.start()
         await events.emit(ProcessingEvent.BATCH_STARTED, {"total": total, "max_workers": config.max_workers})
         if config.chunk_size is None and total > _CHUNK_HINT_ITEMS:
@@ -732,54 +398,101 @@ async def _run_batch(
                 total,
                 total,
             )
-        if not config.dry_run:
-            await _prepare_all(run, strategies)
-        ready.update(id(s) for s in strategies)
-        if config.execution == "batch_api" and not config.dry_run:
+        await execution.prepare(strategies)
+        if batch_api_items is not None:
             from prefect_batchllm.prefect.batch_api import BatchApiStep
 
-            batch_step = BatchApiStep(run, items, await chunk_result_store(item_task))
-        async with asyncio.TaskGroup() as group:
-            if batch_step is not None:
-                group.create_task(batch_step.run_step())
-            if config.chunk_size is None:
-                for _ in range(min(config.max_workers, total)):
-                    group.create_task(worker())
-            else:
-                # Enough chunks open to keep max_workers busy, plus one to overlap a chunk's slow tail.
-                size = config.chunk_size
-                run.result_store = await chunk_result_store(item_task)
-                run.run_items = run_items
-                starts = iter(range(0, total, size))
-                for _ in range(min(-(-config.max_workers // size) + 1, -(-total // size))):
-                    group.create_task(chunk_worker(starts, size))
+            execution.batch_step = BatchApiStep(run, batch_api_items, execution.result_log)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(execution.batch_step.run_step())
+                group.create_task(dispatch())
+        else:
+            await dispatch()
     finally:
         try:
-            if not config.dry_run:
-                await _shielded(_cleanup_all(run, strategies))
+            await execution.cleanup()
         finally:
             close_terminal_progress(observers)
-            close_run(run.key)
+            if execution.result_log is not None:
+                await shielded(execution.result_log.aclose())
             aclose = getattr(admission, "aclose", None)
             if callable(aclose):
-                await _shielded(aclose())
-            await _shielded(pauses.aclose())
-
+                await shielded(aclose())
+            await shielded(pauses.aclose())
     wall = time.monotonic() - started
-    final = [r for r in results if r is not None]
-    if len(final) != total:  # defensive: every item must be accounted for
-        raise RuntimeError(f"internal error: {total - len(final)} items have no result")
     await progress.update(completed, force=True)
-    jobs = batch_step.job_summaries() if batch_step is not None else None
-    batch = await summarize_batch(quote(final), wall, prefix, batch_jobs=jobs)
-    await events.emit(
+    jobs = execution.batch_step.job_summaries() if execution.batch_step is not None else None
+    return DriveOutcome(prefix, wall, jobs, run.stop, events)
+
+
+async def announce_completed(batch: BatchResult[Any, Any], drive: DriveOutcome) -> None:
+    """The BATCH_COMPLETED event (observers and the Prefect event bridge)."""
+    await drive.events.emit(
         ProcessingEvent.BATCH_COMPLETED,
         {
             **batch_completed_data(batch),
-            "stopped": run.stop.category.value if run.stop.category else None,
-            "stop_reason": run.stop.reason,
+            "stopped": drive.stop.category.value if drive.stop.category else None,
+            "stop_reason": drive.stop.reason,
         },
     )
+
+
+@_masking_errors
+async def _run_batch(
+    items: Sequence[LLMWorkItem[Any, Any]],
+    config: ProcessorConfig | None = None,
+    post_processor: PostProcessorFunc | None = None,
+    error_classifier: ErrorClassifier | None = None,
+    middlewares: list[Middleware] | None = None,
+    observers: list[ProcessorObserver] | None = None,
+    progress_callback: ProgressCallbackFunc | None = None,
+) -> BatchResult[Any, Any]:
+    """Run every item as a Prefect task and return the :class:`BatchResult` (one result per item,
+    in input order). Failed items are Failed task runs; the flow still returns the whole result unless
+    ``config.fail_on_item_failure`` is set, in which case it raises :class:`BatchItemsFailed` after
+    writing results and artifacts.
+
+    ``post_processor`` runs for every successful item, *including* results replayed from an earlier run
+    (``result.replayed is True``), so a write that failed or never happened then is retried now. It must
+    therefore be idempotent (an upsert), or skip replayed results itself.
+    """
+    items, config = validate_batch_inputs(items, config)
+    total = len(items)
+    results: list[WorkItemResult[Any, Any] | None] = [None] * total
+    execution = BatchExecution(
+        config,
+        error_classifier or DefaultErrorClassifier(),
+        middlewares or [],
+        await ResultLog.for_config(config),
+    )
+
+    async def collect(position: int, result: WorkItemResult[Any, Any]) -> None:
+        results[position] = result
+
+    async def dispatch() -> None:
+        if config.chunk_size is None:
+            await execution.dispatch_items(items)
+        else:
+            await execution.dispatch_chunks(items_chunks(items, config.chunk_size))
+
+    drive = await drive_batch(
+        execution,
+        total=total,
+        strategies=_unique_strategies(items),
+        dispatch=dispatch,
+        collect=collect,
+        post_processor=post_processor,
+        observers=observers,
+        progress_callback=progress_callback,
+        batch_api_items=items if config.execution == "batch_api" and not config.dry_run else None,
+    )
+    final = [r for r in results if r is not None]
+    if len(final) != total:  # defensive: every item must be accounted for
+        raise RuntimeError(f"internal error: {total - len(final)} items have no result")
+    batch = await summarize_batch(
+        quote(final), drive.wall_time_s, drive.artifact_prefix, batch_jobs=drive.batch_jobs
+    )
+    await announce_completed(batch, drive)
     if config.fail_on_item_failure and batch.failed:
         raise BatchItemsFailed(batch)
     return batch

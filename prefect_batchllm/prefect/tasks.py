@@ -1,18 +1,19 @@
-"""The Prefect tasks of a batch run: prepare, process one item, summarize (reduce), cleanup.
+"""The Prefect tasks of a batch run: prepare, process one item, process one chunk, summarize, cleanup.
 
 ``process_item`` is one task run per item, named after the ``item_id``. Each Prefect run of it is one
 logical attempt (attempt number = Prefect's ``run_count``); retries are Prefect's, built from
 ``RetryConfig`` and gated by an async ``retry_condition_fn`` that asks the error classifier. What must
-survive those retries (the item's ``RetryState``, billed tokens, counters) lives in an in-memory
-:class:`BatchRun` registry keyed by a per-flow-invocation id, never in task parameters.
+survive those retries (the item's ``RetryState``, billed tokens, counters) lives in the run's
+:class:`BatchRun` (passed by reference: per-item mode runs in the flow's process).
 
-Chunked mode (``ProcessorConfig.chunk_size``): ``process_chunk`` is one task run per chunk of items; each
-item inside it goes through :func:`run_item_inline`, the same attempt (:func:`attempt_item`), retry policy
-and persisted-result key and store as ``process_item``, so the two modes replay each other's results.
+Chunked mode (``ProcessorConfig.chunk_size``): ``process_chunk`` is one task run per chunk of items, given
+everything it needs as arguments (the :class:`~prefect_batchllm.prefect.execution.BatchExecution` and a
+chunk source), so a Dask or Ray task runner can run it in another process. Each item inside it goes
+through the same attempt (:func:`attempt_item`) and retry policy as ``process_item``.
 
-Successful item results are persisted under a key built from (item_id, sha256 of the prompt, strategy
-fingerprint) and *not* the flow-run id, so a retried or repeated run loads completed items instead of
-paying for them again; failed runs write no cache entry.
+Successful item results are persisted by the execution's result log under a key built from (item_id,
+sha256 of the prompt, strategy fingerprint) and *not* the flow-run id, so a retried or repeated run loads
+completed items instead of paying for them again; failures are never persisted.
 """
 
 from __future__ import annotations
@@ -23,17 +24,14 @@ import hashlib
 import logging
 import random
 import time
-import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
-from prefect.results import ResultStore, get_result_store
+from prefect.states import Failed
 
 from prefect_batchllm.core.admission import Admission
 from prefect_batchllm.core.attempt import (
@@ -54,20 +52,22 @@ from prefect_batchllm.prefect.artifacts import publish_batch_artifacts
 
 logger = logging.getLogger("prefect_batchllm")
 
+if TYPE_CHECKING:
+    from prefect_batchllm.prefect.execution import BatchExecution, ChunkSource
+
 __all__ = [
     "BatchRun",
-    "ItemCachePolicy",
     "ChunkItemsFailed",
     "attempt_item",
-    "chunk_result_store",
+    "attempt_with_retries",
     "cleanup_strategy",
     "configured_item_task",
-    "get_run",
     "item_cache_key",
+    "prepare_error_of",
     "prepare_strategy",
     "process_chunk",
     "process_item",
-    "run_item_inline",
+    "strategy_key",
     "summarize_batch",
 ]
 
@@ -79,59 +79,52 @@ _JITTER_FACTOR = 0.5  # delays vary by +-50 %, like the seed's 50-100 % jitter
 
 
 # --------------------------------------------------------------------------------------------------
-# Per-flow-run registry
+# Per-process state of a batch run
+
+
+def strategy_key(strategy: LLMCallStrategy[Any]) -> str:
+    """What identifies a strategy across processes (its fingerprint), so a worker that unpickled its own
+    copy still finds the driver's ``prepare()`` outcome; ``id`` when the strategy cannot fingerprint."""
+    try:
+        return f"fp:{strategy.fingerprint()}"
+    except Exception:
+        return f"id:{id(strategy)}"
+
+
+def prepare_error_of(run: BatchRun, strategy: LLMCallStrategy[Any]) -> AttemptFailed | None:
+    """The failure of ``strategy``'s ``prepare()``: by identity in the flow's process, by fingerprint in a
+    worker (whose strategies are unpickled copies)."""
+    if not run.prepare_errors:
+        return None
+    return run.prepare_errors.get(f"id:{id(strategy)}") or run.prepare_errors.get(strategy_key(strategy))
 
 
 @dataclass
 class BatchRun:
-    """In-memory state of one batch flow invocation, shared by its tasks and its retries."""
+    """What one process needs to run a batch's items: limiter, classifier, events, per-item ledgers.
+
+    Never pickled: the flow's process builds one for the whole run, a task-runner worker builds one per
+    chunk task (:class:`~prefect_batchllm.prefect.execution.BatchExecution` does both).
+    """
 
     config: ProcessorConfig
     admission: Admission
     classifier: ErrorClassifier
     events: EventDispatcher
-    key: str = field(default_factory=lambda: uuid.uuid4().hex)
     ledgers: dict[str, ItemLedger] = field(default_factory=dict)
-    #: id(strategy) -> the final, quiet failure of its ``prepare()`` (after retries); its items fail with it.
-    prepare_errors: dict[int, AttemptFailed] = field(default_factory=dict)
+    #: ``id:<id>`` (flow's process) or strategy_key (worker) -> the final, quiet failure of a strategy's
+    #: ``prepare()`` (after retries); its items fail with it (:func:`prepare_error_of`).
+    prepare_errors: dict[str, AttemptFailed] = field(default_factory=dict)
     #: The batch-level stop (systematic errors, cost budget), checked before every attempt is admitted.
     stop: BatchStop = field(default_factory=BatchStop)
     prepared: set[int] = field(default_factory=set)
     cleaned: set[int] = field(default_factory=set)
-    #: Chunked mode: where item results are persisted (the store ``process_item`` would use), if at all.
-    result_store: ResultStore | None = None
-    #: Chunked mode: runs the flow's per-item pipeline for items ``[start, stop)``; returns the failures.
-    run_items: Callable[[int, int], Awaitable[list[WorkItemResult[Any, Any]]]] | None = None
 
     def ledger(self, item_id: str) -> ItemLedger:
         ledger = self.ledgers.get(item_id)
         if ledger is None:
             ledger = self.ledgers[item_id] = ItemLedger(item_id)
         return ledger
-
-
-_RUNS: dict[str, BatchRun] = {}
-
-
-def open_run(run: BatchRun) -> BatchRun:
-    """Register ``run`` so tasks given its key can find it."""
-    _RUNS[run.key] = run
-    return run
-
-
-def close_run(key: str) -> None:
-    _RUNS.pop(key, None)
-
-
-def get_run(key: str) -> BatchRun:
-    """The live :class:`BatchRun` for ``key`` (tasks of this module only run inside ``run_batch``)."""
-    try:
-        return _RUNS[key]
-    except KeyError:
-        raise RuntimeError(
-            f"no active batch run {key!r}: prefect_batchllm item tasks run only inside run_batch / "
-            "ParallelBatchProcessor, in the process that started the flow"
-        ) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,21 +150,6 @@ def item_cache_key(item: LLMWorkItem[Any, Any]) -> str:
         parts.append(f"template={item.template.name}@{item.template.version}")
     raw = "|".join(parts)
     return hashlib.sha256(raw.encode()).hexdigest()
-
-
-@dataclass
-class ItemCachePolicy(CachePolicy):
-    """Prefect cache policy keyed by :func:`item_cache_key` (shared across flow runs)."""
-
-    def compute_key(
-        self,
-        task_ctx: TaskRunContext,
-        inputs: dict[str, Any],
-        flow_parameters: dict[str, Any],
-        **kwargs: Any,
-    ) -> str | None:
-        item = inputs.get("item")
-        return item_cache_key(item) if isinstance(item, LLMWorkItem) else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,10 +214,9 @@ async def call_lifecycle_hook(run: BatchRun, label: str, strategy: LLMCallStrate
     persist_result=False,
     retries=0,
 )
-async def prepare_strategy(label: str, strategy: LLMCallStrategy[Any], run_key: str) -> None:
+async def prepare_strategy(label: str, strategy: LLMCallStrategy[Any], run: BatchRun) -> None:
     """Call ``strategy.prepare()`` once for this flow run (e.g. find or create a context cache), retried
-    like an item (:func:`call_lifecycle_hook`)."""
-    run = get_run(run_key)
+    like an item (:func:`call_lifecycle_hook`). Runs in the flow's process (``run`` is its state)."""
     run.prepared.add(id(strategy))
     await call_lifecycle_hook(run, label, strategy, "prepare")
 
@@ -251,10 +228,9 @@ async def prepare_strategy(label: str, strategy: LLMCallStrategy[Any], run_key: 
     persist_result=False,
     retries=0,
 )
-async def cleanup_strategy(label: str, strategy: LLMCallStrategy[Any], run_key: str) -> None:
+async def cleanup_strategy(label: str, strategy: LLMCallStrategy[Any], run: BatchRun) -> None:
     """Call ``strategy.cleanup()`` once, after every item finished (caches are kept for later runs),
-    retried like an item (:func:`call_lifecycle_hook`)."""
-    run = get_run(run_key)
+    retried like an item (:func:`call_lifecycle_hook`). Runs in the flow's process."""
     run.cleaned.add(id(strategy))
     await call_lifecycle_hook(run, label, strategy, "cleanup")
 
@@ -306,7 +282,7 @@ async def attempt_item(item: LLMWorkItem[Any, Any], run: BatchRun, attempt: int)
     item_id = item.item_id
     ledger = run.ledger(item_id)
     _record_task_run(ledger)
-    prepare_error = run.prepare_errors.get(id(item.strategy))
+    prepare_error = prepare_error_of(run, item.strategy)
     if prepare_error is not None:  # not attempted (attempts stay 0): fails with prepare's real category
         ledger.finished_at = time.monotonic()
         info = ErrorInfo(prepare_error.info.category, False, reason=prepare_error.info.reason)
@@ -363,9 +339,10 @@ async def attempt_item(item: LLMWorkItem[Any, Any], run: BatchRun, attempt: int)
     persist_result=False,
     retry_condition_fn=_retry_if_retryable,
 )
-async def process_item(item_id: str, item: LLMWorkItem[Any, Any], run_key: str) -> WorkItemResult[Any, Any]:
-    """One attempt of one item (Prefect retries re-enter here with the next attempt number)."""
-    return await attempt_item(item, get_run(run_key), _attempt_number())
+async def process_item(item_id: str, item: LLMWorkItem[Any, Any], run: BatchRun) -> WorkItemResult[Any, Any]:
+    """One attempt of one item (Prefect retries re-enter here with the next attempt number). Per-item mode
+    runs in the flow's process; ``run`` is its state."""
+    return await attempt_item(item, run, _attempt_number())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,43 +353,30 @@ class ChunkItemsFailed(Exception):
     """A chunk's task run ends Failed when any of its items failed; the batch still returns every result."""
 
 
+def chunk_failure_message(results: list[WorkItemResult[Any, Any]]) -> str | None:
+    """The Failed message of a chunk's task run (counts by category, first ids); None if all succeeded."""
+    failed = [r for r in results if not r.success]
+    if not failed:
+        return None
+    categories = collections.Counter(r.error_category or "unknown" for r in failed)
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(categories.items()))
+    shown = ", ".join(r.item_id for r in failed[:10]) + (", ..." if len(failed) > 10 else "")
+    return f"{len(failed)} of {len(results)} items failed ({counts}): {shown}"
+
+
 @task(name="process-chunk", task_run_name="{label}", cache_policy=NO_CACHE, persist_result=False, retries=0)
-async def process_chunk(label: str, start: int, stop: int, run_key: str) -> int:
-    """Run items ``[start, stop)`` of the batch concurrently (each still bounded by ``max_workers``).
+async def process_chunk(label: str, execution: BatchExecution, source: ChunkSource) -> Any:
+    """Run one chunk's items concurrently, each with its own retries; return their results (input order).
 
-    Never retried as a whole (``retries=0`` whatever the defaults): items retry individually inside.
+    Self-contained: ``execution`` and ``source`` are all it needs, so it runs in the flow's process or,
+    pickled, on a Dask / Ray worker. Never retried as a whole (``retries=0`` whatever the defaults): items
+    retry individually inside. Any failed item makes the task run end Failed, still carrying every result.
     """
-    run = get_run(run_key)
-    if run.run_items is None:
-        raise RuntimeError("process_chunk: this batch run is not in chunked mode")
-    failed = await run.run_items(start, stop)
-    if failed:
-        categories = collections.Counter(r.error_category or "unknown" for r in failed)
-        counts = ", ".join(f"{k}={v}" for k, v in sorted(categories.items()))
-        shown = ", ".join(r.item_id for r in failed[:10]) + (", ..." if len(failed) > 10 else "")
-        raise ChunkItemsFailed(f"{len(failed)} of {stop - start} items failed ({counts}): {shown}")
-    return stop - start
-
-
-async def chunk_result_store(item_task: Any) -> ResultStore | None:
-    """The result store ``item_task`` (from :func:`configured_item_task`) persists to, if it persists at all:
-    chunked mode writes there too, so both modes replay each other's results."""
-    if not item_task.persist_result:
-        return None
-    return await get_result_store().aupdate_for_task(item_task)
-
-
-async def _load_persisted(store: ResultStore, key: str) -> WorkItemResult[Any, Any] | None:
-    """The persisted result under ``key`` if present, readable and unexpired (else ``None``, like Prefect)."""
-    try:
-        record = await store.aread(key)
-    except Exception:  # missing or unreadable: execute the item again, as Prefect's cache lookup does
-        return None
-    expiration = record.metadata.expiration
-    if expiration is not None and expiration <= datetime.now(UTC):
-        return None
-    value = record.result
-    return value if isinstance(value, WorkItemResult) else None
+    results = await execution.run_chunk(source)
+    message = chunk_failure_message(results)
+    if message is None:
+        return results
+    return Failed(message=message, data=results)
 
 
 def retry_delay(config: ProcessorConfig, attempt: int, retry_after: float | None) -> float:
@@ -425,30 +389,7 @@ def retry_delay(config: ProcessorConfig, attempt: int, retry_after: float | None
     return max(delay, retry_after or 0.0)
 
 
-async def run_item_inline(
-    item: LLMWorkItem[Any, Any], run: BatchRun
-) -> tuple[WorkItemResult[Any, Any], bool]:
-    """Chunked mode: every attempt of one item inside the chunk's task run; ``(result, replayed)``.
-
-    Same retry policy as the per-item task (classifier-gated, ``RetryConfig`` back-off, at least the
-    provider's delay) and the same persisted-result key, store and expiration. Raises the final
-    :class:`AttemptFailed`.
-    """
-    store, config = run.result_store, run.config
-    if store is not None:
-        key = item_cache_key(item)
-        if not config.refresh_cache and (persisted := await _load_persisted(store, key)) is not None:
-            return persisted, True
-    result = await _attempt_with_retries(item, run)
-    if store is not None:
-        expiration = None
-        if config.cache_expiration_s is not None:
-            expiration = datetime.now(UTC) + timedelta(seconds=config.cache_expiration_s)
-        await store.awrite(obj=result, key=key, expiration=expiration)
-    return result, False
-
-
-async def _attempt_with_retries(item: LLMWorkItem[Any, Any], run: BatchRun) -> WorkItemResult[Any, Any]:
+async def attempt_with_retries(item: LLMWorkItem[Any, Any], run: BatchRun) -> WorkItemResult[Any, Any]:
     """Attempts 1..max_attempts of one item in this task run, retrying what the classifier allows."""
     attempt = 1
     while True:
@@ -468,29 +409,17 @@ async def _attempt_with_retries(item: LLMWorkItem[Any, Any], run: BatchRun) -> W
 
 
 def configured_item_task(config: ProcessorConfig) -> Any:
-    """``process_item`` with this config's retries, back-off, jitter and result persistence.
+    """``process_item`` with this config's retries, back-off and jitter.
 
-    ``refresh_cache`` re-executes items that have a persisted result (and overwrites it);
-    ``cache_expiration_s`` bounds how long a persisted result is replayed; ``result_storage`` (a saved
-    storage block slug) replaces the default local storage, which only serves reruns on the same machine.
+    Results are not persisted per task run: the flow looks them up in, and writes them to, the batch's
+    :class:`~prefect_batchllm.prefect.result_log.ResultLog` (the same store chunked mode uses).
     """
     retries = config.retry.max_attempts - 1
     delays = config.retry.delays()[:_MAX_DELAYS]
-    cache = config.persist_results and not config.dry_run
-    options: dict[str, Any] = {}
-    if cache:
-        options["refresh_cache"] = config.refresh_cache
-        if config.cache_expiration_s is not None:
-            options["cache_expiration"] = timedelta(seconds=config.cache_expiration_s)
-        if config.result_storage is not None:
-            options["result_storage"] = config.result_storage
     return process_item.with_options(
         retries=retries,
         retry_delay_seconds=delays if retries and any(delays) else 0,
         retry_jitter_factor=_JITTER_FACTOR if config.retry.jitter and retries else None,
-        cache_policy=ItemCachePolicy() if cache else NO_CACHE,
-        persist_result=cache,
-        **options,
     )
 
 
