@@ -38,8 +38,7 @@ from pydantic import BaseModel
 
 from prefect_batchllm.core.config import ProcessorConfig
 from prefect_batchllm.core.errors import DefaultErrorClassifier
-from prefect_batchllm.core.items import BatchResult, LLMWorkItem, WorkItemResult
-from prefect_batchllm.core.pricing import price_for
+from prefect_batchllm.core.items import BatchResult, BatchTally, LLMWorkItem, WorkItemResult
 from prefect_batchllm.core.strategy import LLMCallStrategy
 from prefect_batchllm.core.templates import PromptTemplate, TemplateRef, load_prompt_template
 from prefect_batchllm.dataframe import (
@@ -56,6 +55,7 @@ from prefect_batchllm.dataframe import (
     result_frame,
     row_ids,
 )
+from prefect_batchllm.prefect.artifacts import publish_batch_artifacts
 from prefect_batchllm.prefect.execution import BatchExecution
 from prefect_batchllm.prefect.flow_base import BatchLLMFlow
 from prefect_batchllm.prefect.flows import BatchItemsFailed, announce_completed, drive_batch
@@ -217,91 +217,71 @@ class TableChunk:
 
 @dataclass
 class TableBatchResult(BatchResult[Any, Any]):
-    """The :class:`BatchResult` of a streaming table run: counts, token totals, cost, error categories
-    and the failed ids, never every row (``results`` is empty: the rows are in ``output_path``, the
-    failed ones also in ``failed_path``)."""
+    """The :class:`BatchResult` of a streaming table run (``summary`` mode): counts, token totals, cost,
+    error categories and templates over every row, but ``results`` holds only the failed rows (in input
+    order, without outputs); every row is in ``output_path``, the failed ones also in ``failed_path``."""
 
-    failed_ids: list[str] = field(default_factory=list)
-    failed_categories: list[str] = field(default_factory=list)  # of ``failed_ids``, same order
-    summary: dict[str, Any] = field(default_factory=dict)  # the output's ``attrs["batchllm"]``
-    replayed: int = 0
-    invalid_input: int = 0
-    cost_usd: float = 0.0
-    categories: dict[str, int] = field(default_factory=dict)
     output_path: str = ""
     failed_path: str | None = None
-
-    def __post_init__(self) -> None:
-        """Counts are given (a streaming run keeps no per-row results to derive them from)."""
+    #: The output's ``attrs["batchllm"]`` (the counts ``enrich_dataframe`` stores).
+    table_summary: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def estimated_cost_usd(self) -> float:
-        return self.cost_usd
+    def failed_ids(self) -> list[str]:
+        return [r.item_id for r in self.results]
 
-    def error_categories(self) -> dict[str, int]:
-        return dict(self.categories)
+    @property
+    def failed_categories(self) -> list[str]:
+        return [r.error_category or "unknown" for r in self.results]
 
 
 class _Tally:
-    """What the driver keeps of each finished row: counters, and the failed rows' id / category / error."""
+    """What the driver keeps of each finished row: a :class:`BatchTally` (counters; the failed rows
+    without their outputs) and the positions of the failed rows, to list them in input order."""
 
     def __init__(self) -> None:
-        self.rows = 0
-        self.succeeded = 0
-        self.replayed = 0
+        self.tally = BatchTally()
         self.invalid_input = 0
-        self.tokens = {"input_tokens": 0, "output_tokens": 0, "cached_input_tokens": 0}
-        self.cost = 0.0
-        self.categories: dict[str, int] = {}
-        self.failed: list[tuple[int, str, str, str]] = []
+        self._positions: dict[str, int] = {}
 
     async def add(self, position: int, result: WorkItemResult[Any, Any]) -> None:
-        self.rows += 1
-        usage = result.token_usage
-        for key in self.tokens:
-            self.tokens[key] += int(usage.get(key, 0) or 0)
-        price = price_for(result.model)
-        if price is not None:
-            self.cost += price.cost(
-                usage.get("input_tokens", 0),
-                usage.get("output_tokens", 0),
-                usage.get("cached_input_tokens", 0),
-                billing=str(result.metadata.get("billing") or "online"),
-            )
-        if result.replayed:
-            self.replayed += 1
         if result.success:
-            self.succeeded += 1
+            self.tally.add(result)
             return
-        category = result.error_category or "unknown"
-        self.categories[category] = self.categories.get(category, 0) + 1
-        if category == INVALID_INPUT:
+        self.tally.add(dataclasses.replace(result, output=None, context=None))
+        self._positions[result.item_id] = position
+        if result.error_category == INVALID_INPUT:
             self.invalid_input += 1
-        self.failed.append((position, result.item_id, category, result.error or ""))
+
+    def close(self) -> BatchTally:
+        """The tally with its failed rows in input order."""
+        self.tally.failed.sort(key=lambda r: self._positions.get(r.item_id, -1))
+        return self.tally
 
     def summary(self, template: TemplateRef | None) -> dict[str, Any]:
         """The ``frame.attrs["batchllm"]`` counts ``enrich_dataframe`` stores, for the whole table."""
+        t = self.tally
         summary: dict[str, Any] = {
-            "rows": self.rows,
-            "succeeded": self.succeeded,
-            "failed": self.rows - self.succeeded,
-            "replayed": self.replayed,
+            "rows": t.total_items,
+            "succeeded": t.succeeded,
+            "failed": len(t.failed),
+            "replayed": t.replayed,
             "invalid_input": self.invalid_input,
-            "input_tokens": self.tokens["input_tokens"],
-            "output_tokens": self.tokens["output_tokens"],
-            "cached_tokens": self.tokens["cached_input_tokens"],
+            "input_tokens": t.input_tokens,
+            "output_tokens": t.output_tokens,
+            "cached_tokens": t.cached_tokens,
         }
         if template is not None:
             summary["prompt_template"] = template.as_dict()
         return summary
 
     def failed_frame(self) -> pd.DataFrame:
-        self.failed.sort()
+        failed = self.close().failed
         return pd.DataFrame(
             {
-                "item_id": pd.Series([f[1] for f in self.failed], dtype="string"),
-                "error_category": pd.Series([f[2] for f in self.failed], dtype="string"),
-                "error": pd.Series([f[3] for f in self.failed], dtype="string"),
+                "item_id": pd.Series([r.item_id for r in failed], dtype="string"),
+                "error_category": pd.Series([r.error_category or "unknown" for r in failed], dtype="string"),
+                "error": pd.Series([r.error or "" for r in failed], dtype="string"),
             }
         )
 
@@ -410,8 +390,8 @@ async def _enrich_table_file(
                 collect=tally.add,
             )
             n_parts = len(slices)
-        if tally.rows != total:  # defensive: every row must be accounted for
-            raise RuntimeError(f"internal error: {total - tally.rows} rows have no result")
+        if tally.tally.total_items != total:  # defensive: every row must be accounted for
+            raise RuntimeError(f"internal error: {total - tally.tally.total_items} rows have no result")
         attrs = {**(await asyncio.to_thread(table_attrs, source)), "batchllm": tally.summary(template_ref)}
         await asyncio.to_thread(staged.commit, n_parts, attrs=attrs)
     except BaseException:
@@ -421,24 +401,16 @@ async def _enrich_table_file(
     await asyncio.to_thread(write_table, tally.failed_frame(), failed_path)
     batch = TableBatchResult(
         results=[],
-        total_items=total,
-        succeeded=tally.succeeded,
-        failed=total - tally.succeeded,
-        total_input_tokens=tally.tokens["input_tokens"],
-        total_output_tokens=tally.tokens["output_tokens"],
-        total_cached_tokens=tally.tokens["cached_input_tokens"],
         wall_time_s=drive.wall_time_s if drive is not None else 0.0,
-        failed_ids=[f[1] for f in tally.failed],
-        failed_categories=[f[2] for f in tally.failed],
-        summary=attrs["batchllm"],
-        replayed=tally.replayed,
-        invalid_input=tally.invalid_input,
-        cost_usd=tally.cost,
-        categories=dict(tally.categories),
+        summary=tally.close(),
         output_path=output_url,
         failed_path=failed_path,
+        table_summary=attrs["batchllm"],
     )
     if drive is not None:
+        await publish_batch_artifacts(
+            batch, drive.artifact_prefix, title=f"Table summary: {drive.artifact_prefix}"
+        )
         await announce_completed(batch, drive)
     if config.fail_on_item_failure and batch.failed:
         raise BatchItemsFailed(batch)

@@ -23,7 +23,7 @@ def main() -> None:
     strategy = GeminiStrategy(GeminiModel("gemini-2.5-flash", client))
     config = ProcessorConfig(max_workers=int(workers), chunk_size=int(chunk), fail_on_item_failure=False)
     result = enrich_table_file(source, output, template, strategy, "isbn", config)
-    print(f"done {result.total_items} {result.succeeded} {result.replayed}", flush=True)
+    print(f"done {result.total_items} {result.succeeded} {result.replayed_count}", flush=True)
 
 
 if __name__ == "__main__":

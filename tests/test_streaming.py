@@ -248,9 +248,12 @@ def test_streaming_run_matches_in_memory_enrich_dataframe(
     sent_400 = df["title"].str.startswith("FAIL400", na=False) & df["year"].notna()
     assert categories["fatal"] == int(sent_400.sum())
     assert int(expected["attempts"].eq(2).sum()) >= 15  # the 503s were retried
-    assert isinstance(result, TableBatchResult) and result.results == []
-    assert (result.total_items, result.failed) == (n, len(failures))
+    assert isinstance(result, TableBatchResult) and result.summary is not None
+    assert (result.total_items, result.failed, result.succeeded) == (n, len(failures), n - len(failures))
     assert result.error_categories() == categories
+    assert result.failed_ids == failures["isbn"].tolist()  # only the failed rows, in input order
+    assert all(r.output is None and not r.success for r in result.results)
+    assert result.total_attempts == int(expected["attempts"].sum())
     assert result.total_input_tokens == int(expected["input_tokens"].sum()) > 0
     failed = read_table(failed_rows_path(out))
     assert failed["item_id"].tolist() == expected.loc[~expected["success"], "isbn"].tolist()
