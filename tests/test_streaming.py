@@ -15,13 +15,14 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from _prefect_server import prefect_env
+from pydantic import BaseModel
 
 from prefect_batchllm import ProcessorConfig, RetryConfig
 from prefect_batchllm.dataframe import UniqueIds, enrich_dataframe, row_ids
@@ -319,3 +320,55 @@ def test_sigkill_mid_run_then_a_fresh_run_loses_and_duplicates_nothing(
     assert len(re_requested) <= 200 + workers, len(re_requested)
     assert int(got["replayed"].sum()) == n - len(again)
     assert sorted(p.name for p in out.parent.iterdir()) == ["t.parquet", "t.parquet.failed.parquet"]
+
+
+class Card(BaseModel):
+    genre: Literal["novel", "poetry", "drama"]
+    pages: int
+    rating: float
+    classic: bool
+
+
+def test_csv_input_with_an_output_type_matches_in_memory(
+    prefect_api: str, emulator: GeminiEmulator, tmp_path: Path
+) -> None:
+    """A CSV input is staged as Parquet (streaming) and sliced; typed output columns (categorical,
+    nullable ints/floats/booleans) come out as the in-memory run's, also for chunks where every row failed;
+    a ``.csv`` output is the same table as ``write_table`` writes."""
+    n, tag = 240, uuid.uuid4().hex[:6]
+    lines = ["code,title,pages_hint,note"]
+    for i in range(n):
+        title = "" if i % 37 == 4 else (f"FAIL400 {tag} {i}" if 40 <= i < 80 else f"{tag} book {i}")
+        lines.append(f"c{i:04d},{title},{i if i % 9 else ''},{'x' if i % 2 else ''}")
+    source = tmp_path / "in.csv"
+    source.write_text("\n".join(lines) + "\n")
+    model = GeminiModel("gemini-2.5-flash", emulator.client())
+    template = "Catalogue {title} ({code})."
+
+    emulator.faults.add(Fault.status(400), contains="FAIL400", times=None)
+    frame = enrich_dataframe(
+        read_table(source),
+        template,
+        model_block=model,
+        id_column="code",
+        output_type=Card,
+        config=_fast(chunk_size=40, refresh_cache=True),
+    )
+    write_table(frame, tmp_path / "memory.parquet")
+    write_table(frame, tmp_path / "memory.csv")
+
+    for name in ("out.parquet", "out.csv"):
+        out = tmp_path / name
+        result = enrich_table_file(
+            source,
+            out,
+            template,
+            id_column="code",
+            model_block=model,
+            output_type=Card,
+            config=_fast(chunk_size=40, refresh_cache=True),
+        )
+        expected = read_table(tmp_path / ("memory" + out.suffix))
+        pd.testing.assert_frame_equal(read_table(out), expected)
+        assert result.failed == int((~frame["success"]).sum()) >= 40
+    assert str(read_table(tmp_path / "out.parquet")["genre"].dtype) == "category"
