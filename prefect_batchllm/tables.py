@@ -193,11 +193,13 @@ class TableSlice:
 
 def arrow_to_pandas(table: pa.Table) -> pd.DataFrame:
     """``table`` converted the way ``pandas.read_parquet`` converts what it read (same dtypes)."""
-    try:
-        from pandas.io._util import arrow_table_to_pandas
-    except ImportError:  # pragma: no cover - other pandas versions
-        return table.to_pandas()
-    frame: pd.DataFrame = arrow_table_to_pandas(table)
+    import importlib
+
+    try:  # what pandas.read_parquet calls (its default string / dtype mapping)
+        convert = importlib.import_module("pandas.io._util").arrow_table_to_pandas
+    except (ImportError, AttributeError):  # pragma: no cover - other pandas versions
+        convert = None
+    frame: pd.DataFrame = convert(table) if convert is not None else table.to_pandas()
     return frame
 
 
@@ -402,7 +404,7 @@ def _widen(message: str, schema: pa.Schema | None, column_types: dict[str, pa.Da
         return None
     else:
         column_types[field.name] = pa.string()
-    return field.name
+    return str(field.name)
 
 
 def _ensure_parent(fs: AbstractFileSystem, path: str) -> None:
