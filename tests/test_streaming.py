@@ -372,3 +372,79 @@ def test_csv_input_with_an_output_type_matches_in_memory(
         pd.testing.assert_frame_equal(read_table(out), expected)
         assert result.failed == int((~frame["success"]).sum()) >= 40
     assert str(read_table(tmp_path / "out.parquet")["genre"].dtype) == "category"
+
+
+async def _echo(prompt: str, attempt: int, timeout: float) -> tuple[str, dict[str, int]]:
+    return f"echo {prompt}", {"input_tokens": 1, "output_tokens": 1}
+
+
+def test_a_chunk_is_self_contained_and_pickles(tmp_path: Path) -> None:
+    """What travels to a task-runner worker: the chunk pickles without its rows; unpickled elsewhere it
+    reads its slice, builds its items (invalid rows keep their place), writes its part file and returns
+    results without outputs."""
+    import asyncio
+    import pickle
+
+    from prefect_batchllm.core.items import WorkItemResult
+    from prefect_batchllm.strategies.direct import DirectCallStrategy
+    from prefect_batchllm.streaming import ResolvedRow, RowSpec
+
+    df = pd.DataFrame(
+        {"code": [f"c{i}" for i in range(30)], "title": [None if i == 12 else f"t{i}" for i in range(30)]}
+    )
+    write_table(df, tmp_path / "in.parquet")
+    _, slices = plan_slices(str(tmp_path / "in.parquet"), 10)
+    spec = RowSpec("Say {title}", None, "code", DirectCallStrategy(_echo))
+    staged = StagedOutput(str(tmp_path / "out.parquet"), "r")
+    chunk = TableChunk(slices[1], 2, spec, staged)
+    assert (chunk.start, len(chunk), chunk.label()) == (10, 10, "chunk-2: rows 10..19")
+    asyncio.run(chunk.load())
+    wire = pickle.dumps(chunk)
+    assert b"t15" not in wire  # the loaded rows never travel
+    worker_copy = pickle.loads(wire)
+    items = asyncio.run(worker_copy.load())
+    assert [i.item_id for i in items] == [f"c{i}" for i in range(10, 20)]
+    assert isinstance(items[2], ResolvedRow) and items[2].resolved.error_category == "invalid_input"
+    results = [
+        i.resolved if isinstance(i, ResolvedRow) else WorkItemResult(i.item_id, True, output=f"o-{i.item_id}")
+        for i in items
+    ]
+    back = asyncio.run(worker_copy.finish(items, results))
+    assert [r.item_id for r in back] == [i.item_id for i in items] and all(r.output is None for r in back)
+    part = read_table(staged.part_path(1))
+    assert part["code"].tolist() == [f"c{i}" for i in range(10, 20)] and part.index.tolist() == list(
+        range(10, 20)
+    )
+    assert part["output"].tolist()[:2] == ["o-c10", "o-c11"] and pd.isna(part["output"].iloc[2])
+    assert part["error_category"].tolist()[2] == "invalid_input"
+
+
+def test_whole_table_checks_fail_before_any_request(
+    prefect_api: str, emulator: GeminiEmulator, tmp_path: Path
+) -> None:
+    """Ids are unique across slices, the id column and template fields exist: checked on the whole table
+    (streaming, before any chunk runs), with the in-memory path's messages."""
+    strategy = GeminiStrategy(GeminiModel("gemini-2.5-flash", emulator.client()))
+    df = pd.DataFrame({"code": [f"c{i}" for i in range(50)] + ["c7"], "title": ["t"] * 51})
+    write_table(df, tmp_path / "dupes.parquet")
+    config = _fast(chunk_size=10)
+    with pytest.raises(ValueError, match=r"id_column 'code' has duplicate ids \('c7'\)"):
+        enrich_table_file(
+            tmp_path / "dupes.parquet", tmp_path / "o.parquet", "Say {title}", strategy, "code", config
+        )
+    with pytest.raises(ValueError, match=r"'titel' \(did you mean 'title'\?\)"):
+        enrich_table_file(
+            tmp_path / "dupes.parquet", tmp_path / "o.parquet", "Say {titel}", strategy, None, config
+        )
+    with pytest.raises(ValueError, match="id_column uses column"):
+        enrich_table_file(
+            tmp_path / "dupes.parquet", tmp_path / "o.parquet", "Say {title}", strategy, "key", config
+        )
+    named = df.set_index("code")
+    write_table(named, tmp_path / "named.parquet")
+    with pytest.raises(ValueError, match=r"the index has duplicate ids \('c7'\)"):
+        enrich_table_file(
+            tmp_path / "named.parquet", tmp_path / "o.parquet", "Say {title}", strategy, None, config
+        )
+    assert emulator.count() == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dupes.parquet", "named.parquet"]  # no staging left
