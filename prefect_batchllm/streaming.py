@@ -370,11 +370,11 @@ async def _enrich_table_file(
         total, slices = await asyncio.to_thread(
             plan_slices, input_url, int(config.chunk_size), staging_dir=staged.staging_dir
         )
-        source = slices[0].path if slices else input_url
+        source = slices[0].path  # the staged Parquet file for a CSV input
         check_columns(await asyncio.to_thread(table_columns, source), template, id_column, output_type)
         await asyncio.to_thread(check_table_ids, source, id_column)
-        if not slices:  # an empty table: its (empty) output still gets every column
-            empty = TableChunk(TableSlice(source, 0, 0), 1, spec, staged)
+        if total == 0:  # an empty table: its (empty) output still gets every column
+            empty = TableChunk(slices[0], 1, spec, staged)
             await empty.finish(await empty.load(), [])
             n_parts, drive = 1, None
         else:

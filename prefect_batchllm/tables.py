@@ -266,7 +266,8 @@ def plan_slices(
     A CSV/TSV input is first converted once, streaming, into ``staging_dir/input.parquet`` (row groups of
     ``rows_per_slice`` rows), so that every slice can be read on its own. A Parquet input whose row groups
     are much larger than a slice (pandas writes up to 1M rows per group) is re-staged the same way when
-    ``staging_dir`` is given; otherwise each slice decodes the row groups it overlaps.
+    ``staging_dir`` is given; otherwise each slice decodes the row groups it overlaps. An empty table
+    is one empty slice.
     """
     if rows_per_slice < 1:
         raise ValueError(f"rows_per_slice must be >= 1, got {rows_per_slice}")
@@ -317,6 +318,8 @@ def plan_slices(
         slices.append(
             TableSlice(url, start, stop, "parquet", storage_options or None, tuple(groups), first_row)
         )
+    if not slices:  # an empty table is one empty slice: its output still gets every column
+        slices.append(TableSlice(url, 0, 0, "parquet", storage_options or None))
     return total, slices
 
 

@@ -25,7 +25,7 @@ from _prefect_server import prefect_env
 from pydantic import BaseModel
 
 from prefect_batchllm import ProcessorConfig, RetryConfig
-from prefect_batchllm.dataframe import UniqueIds, enrich_dataframe, row_ids
+from prefect_batchllm.dataframe import RESULT_COLUMNS, UniqueIds, enrich_dataframe, row_ids
 from prefect_batchllm.models.gemini import GeminiModel
 from prefect_batchllm.strategies.gemini import GeminiStrategy
 from prefect_batchllm.streaming import TableBatchResult, TableChunk, enrich_table_file, failed_rows_path
@@ -448,3 +448,20 @@ def test_whole_table_checks_fail_before_any_request(
         )
     assert emulator.count() == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dupes.parquet", "named.parquet"]  # no staging left
+
+
+def test_empty_tables_give_an_empty_output_with_every_column(
+    prefect_api: str, emulator: GeminiEmulator, tmp_path: Path
+) -> None:
+    strategy = GeminiStrategy(GeminiModel("gemini-2.5-flash", emulator.client()))
+    empty = pd.DataFrame({"code": pd.Series([], dtype="str"), "title": pd.Series([], dtype="str")})
+    write_table(empty, tmp_path / "e.parquet")
+    (tmp_path / "e.csv").write_text("code,title\n")
+    for source in ("e.parquet", "e.csv"):
+        result = enrich_table_file(
+            tmp_path / source, tmp_path / f"{source}.out.parquet", "Say {title}", strategy
+        )
+        got = read_table(tmp_path / f"{source}.out.parquet")
+        assert len(got) == 0 and result.total_items == 0
+        assert list(got.columns) == ["code", "title", "output", *RESULT_COLUMNS]
+    assert emulator.count() == 0
