@@ -234,7 +234,7 @@ def enrich_table(
             task_runner=task_runner,
         )
         publish_failed_ids(streamed.failed_ids, streamed.failed_categories, prefix)
-        summary = {**streamed.summary, "output_path": output_path}
+        summary = {**streamed.table_summary, "output_path": output_path}
         summary["estimated_cost_usd"] = round(streamed.estimated_cost_usd, 6)
         summary["failed_rows_path"] = streamed.failed_path
         pending = streamed.error_categories().get("batch_pending", 0)
