@@ -275,6 +275,24 @@ def test_rerun_failed_requests_exactly_the_failed_rows(
         assert expected <= names
 
 
+def result_records() -> set[str]:
+    """Names of the result log's record objects in the session's default location."""
+    records = Path(os.environ["PREFECT_LOCAL_STORAGE_PATH"]) / "batchllm-results" / "v1" / "records"
+    return {p.name for p in records.glob("*.blr")} if records.exists() else set()
+
+
+def stored_entries(earlier: set[str]) -> int:
+    """Results stored in record objects written since ``earlier`` (read from the objects' headers)."""
+    from prefect_batchllm.prefect import result_log
+
+    records = Path(os.environ["PREFECT_LOCAL_STORAGE_PATH"]) / "batchllm-results" / "v1" / "records"
+    total = 0
+    for name in result_records() - earlier:
+        parsed = result_log._parse_prefix((records / name).read_bytes())
+        total += parsed[0] if parsed is not None else 0
+    return total
+
+
 def test_sigkill_mid_batch_loses_nothing(
     api_url: str, model_block: str, clean_emu: GeminiEmulator, tmp_path: Path
 ) -> None:
@@ -298,12 +316,16 @@ def test_sigkill_mid_batch_loses_nothing(
     args += ["--template", params["prompt_template"], "--model-block", BLOCK, "--id-column", "book_id"]
     args += ["--output-schema", '{"genre": "str", "pages": "int"}', "--max-workers", "4"]
     args += ["--max-attempts", "2"]
+    earlier = result_records()
     with background(args, prefect_env(api_url), tmp_path / "run1.log") as proc:
         wait_for(
             lambda: all(rule.hits == 1 for rule in emu.faults.rules) and emu.in_flight == 4,
             120,
             "four hanging requests",
         )
+        # Results are persisted one object per flush (at most ~1 s or 200 items after they finish): a
+        # SIGKILL loses what is still buffered (tests/test_result_log.py), so kill once they are stored.
+        wait_for(lambda: stored_entries(earlier) == 20, 60, "the 20 finished rows persisted")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL

@@ -228,6 +228,18 @@ class RateLimitConfig:
         )
 
 
+def _storage_location_ok(value: object) -> bool:
+    """A block slug ``type/name`` or an fsspec URL whose protocol fsspec knows (not imported here)."""
+    if not isinstance(value, str):
+        return False
+    url = re.fullmatch(r"([a-zA-Z][a-zA-Z0-9+.-]*)://\S+", value)
+    if url is not None:
+        import fsspec
+
+        return url.group(1).lower() in fsspec.available_protocols()
+    return bool(re.fullmatch(r"[^/\s:]+/[^/\s]+", value))
+
+
 @_strict_fields
 @dataclass
 class ProcessorConfig:
@@ -241,7 +253,9 @@ class ProcessorConfig:
     model. ``refresh_cache=True`` re-executes every item and overwrites the stored results;
     ``cache_expiration_s`` makes stored results expire. By default results go to Prefect's *local* result
     storage (``PREFECT_LOCAL_STORAGE_PATH``), which only serves reruns on the same machine; for reruns on
-    other workers set ``result_storage`` to a saved storage block slug such as ``"s3-bucket/results"``.
+    other workers set ``result_storage`` to a saved ``local-file-system`` / ``remote-file-system`` block slug
+    such as ``"remote-file-system/results"`` or an fsspec URL such as ``"s3://bucket/prefix"``. Results are
+    appended there one storage object per flush (see ``prefect_batchllm.prefect.result_log``), not per item.
 
     Execution: by default every item is its own Prefect task run (most observable: one row per item in the
     UI). ``chunk_size=N`` runs one task run per N consecutive items instead; the items inside it run
@@ -281,7 +295,7 @@ class ProcessorConfig:
     )
     cache_expiration_s: float | None = None  # persisted item results expire after this many seconds
     result_storage: str | None = (
-        None  # saved storage block slug for persisted results, e.g. "s3-bucket/results"
+        None  # block slug ("remote-file-system/results") or fsspec URL ("s3://bucket/prefix") for results
     )
     artifact_key: str | None = None  # artifact key prefix; default derived from the flow / deployment
     chunk_size: int | None = None  # None: one task run per item; N: one task run per N consecutive items
@@ -411,15 +425,13 @@ class ProcessorConfig:
             f"must be > 0 seconds or None (never expire), got {self.cache_expiration_s!r}",
         )
         _require(
-            self.result_storage is None
-            or (
-                isinstance(self.result_storage, str)
-                and bool(re.fullmatch(r"[^/\s]+/[^/\s]+", self.result_storage))
-            ),
+            self.result_storage is None or _storage_location_ok(self.result_storage),
             own,
             "result_storage",
-            "must be a saved storage block slug '<block-type>/<block-name>' (e.g. 's3-bucket/results') "
-            f"or None, got {self.result_storage!r}",
+            "must be a saved storage block slug '<block-type>/<block-name>' of a local-file-system or "
+            "remote-file-system block (e.g. 'remote-file-system/results'), or an fsspec URL "
+            "'<protocol>://<path>' with a protocol fsspec knows (e.g. 's3://bucket/prefix', "
+            f"'file:///data/results'), or None, got {self.result_storage!r}",
         )
         _require(
             self.artifact_key is None or bool(re.fullmatch(r"[a-z0-9-]+", self.artifact_key)),

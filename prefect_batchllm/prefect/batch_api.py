@@ -71,7 +71,7 @@ from prefect_batchllm.models.gemini_batch import (
     submit_job,
     wait_for_job,
 )
-from prefect_batchllm.prefect.result_log import ResultLog
+from prefect_batchllm.prefect.result_log import ResultLog, prefect_result_storage
 from prefect_batchllm.prefect.tasks import BatchRun, item_cache_key, strategy_key
 
 logger = logging.getLogger("prefect_batchllm")
@@ -455,7 +455,7 @@ class BatchApiStep:
         if not persist:
             options.update(cache_policy=NO_CACHE, persist_result=False)
         elif self.config.result_storage is not None:
-            options["result_storage"] = self.config.result_storage
+            options["result_storage"] = await prefect_result_storage(self.config.result_storage)
         label = f"g{job.record.generation}-{job.record.key[:12]}-{len(job.items)}-items"
         state = await submit_batch_job.with_options(**options)(
             label=label,

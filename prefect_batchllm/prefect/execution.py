@@ -147,6 +147,7 @@ class BatchExecution:
         self._in_flight: asyncio.Semaphore | None = None
         self._strategies: list[LLMCallStrategy[Any]] = []  # prepared by this process, cleaned up by it
         self._lazy_lock: asyncio.Lock | None = None
+        self._item_task: Any = None  # per-item mode: process_item with this config's retry policy
         self._known: set[int] = set()  # ids of strategies whose prepare step is over (or not needed)
         self._live: dict[int, list[bool]] = {}  # id(source) -> positions already reported (driver)
 
@@ -412,8 +413,11 @@ class BatchExecution:
     ) -> tuple[WorkItemResult[Any, Any], Exception | None]:
         """Every attempt of one item: its own task run (per-item mode) or inline in the chunk's task run."""
         if self.config.chunk_size is None:
-            item_task = configured_item_task(self.config)
-            state = await item_task(item_id=item.item_id, item=quote(item), run=quote(run), return_state=True)
+            if self._item_task is None:
+                self._item_task = configured_item_task(self.config)
+            state = await self._item_task(
+                item_id=item.item_id, item=quote(item), run=quote(run), return_state=True
+            )
             if state.is_completed():
                 return _outcome(await state.aresult(), item, run, replayed=False)
             exc = await state.aresult(raise_on_failure=False)
@@ -424,7 +428,7 @@ class BatchExecution:
             value = await attempt_with_retries(item, run)
         except AttemptFailed as failure:
             return _outcome(failure, item, run, replayed=False)
-        if self.batch_step is None and self.run is not None and _in_worker():
+        if self._report is None:  # a task-runner worker's chunk: say where it ran
             value.metadata = {**value.metadata, "worker": _worker_name()}
         return _outcome(value, item, run, replayed=False)
 
@@ -579,13 +583,6 @@ def _final_state(future: Any) -> Any:
     """Wait for a submitted task's future (blocking: called in a thread) and return its final state."""
     future.wait()
     return future.state
-
-
-_DRIVER_PID = os.getpid()
-
-
-def _in_worker() -> bool:
-    return os.getpid() != _DRIVER_PID
 
 
 def _worker_name() -> str:
