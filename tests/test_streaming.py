@@ -453,13 +453,21 @@ def test_whole_table_checks_fail_before_any_request(
 def test_empty_tables_give_an_empty_output_with_every_column(
     prefect_api: str, emulator: GeminiEmulator, tmp_path: Path
 ) -> None:
+    """Also: ``task_runner=`` takes a Prefect task runner (applied with ``with_options``) or a runner
+    string (``prefect_batchllm.prefect.runners.task_runner_from``)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
     strategy = GeminiStrategy(GeminiModel("gemini-2.5-flash", emulator.client()))
     empty = pd.DataFrame({"code": pd.Series([], dtype="str"), "title": pd.Series([], dtype="str")})
     write_table(empty, tmp_path / "e.parquet")
     (tmp_path / "e.csv").write_text("code,title\n")
-    for source in ("e.parquet", "e.csv"):
+    with pytest.raises(ValueError, match="task_runner"):  # a runner string that names no runner
+        enrich_table_file(
+            tmp_path / "e.parquet", tmp_path / "x.parquet", "Say {title}", strategy, task_runner="nope"
+        )
+    for source, runner in (("e.parquet", ThreadPoolTaskRunner(max_workers=2)), ("e.csv", None)):
         result = enrich_table_file(
-            tmp_path / source, tmp_path / f"{source}.out.parquet", "Say {title}", strategy
+            tmp_path / source, tmp_path / f"{source}.out.parquet", "Say {title}", strategy, task_runner=runner
         )
         got = read_table(tmp_path / f"{source}.out.parquet")
         assert len(got) == 0 and result.total_items == 0
