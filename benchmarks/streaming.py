@@ -7,6 +7,7 @@ process, not the API server it starts) and CPU. The clock is the provider's (fir
 
     python -m benchmarks.streaming --rows 100000            # one size
     python -m benchmarks.streaming --rows 10000 100000      # side by side
+    python -m benchmarks.streaming --rows 1000000 --direct  # no provider: the pipeline's own memory/CPU
 """
 
 from __future__ import annotations
@@ -24,18 +25,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+async def _instant(prompt: str, attempt: int, timeout: float) -> tuple[str, dict[str, int]]:
+    """``--direct``: an answer with no provider call (the streaming machinery and result log alone)."""
+    return f"echo {prompt[:40]}", {"input_tokens": 10, "output_tokens": 5}
+
+
 def _child(source: str, output: str, base_url: str, chunk: int, workers: int) -> None:
     from google import genai
     from google.genai import types
 
     from prefect_batchllm import ProcessorConfig
+    from prefect_batchllm.core.strategy import LLMCallStrategy
     from prefect_batchllm.models.gemini import GeminiModel
+    from prefect_batchllm.strategies.direct import DirectCallStrategy
     from prefect_batchllm.strategies.gemini import GeminiStrategy
     from prefect_batchllm.streaming import enrich_table_file
 
-    options = types.HttpOptions(base_url=base_url, api_version="v1beta", retry_options=None)
-    client = genai.Client(vertexai=False, api_key="bench-key", http_options=options)
-    strategy = GeminiStrategy(GeminiModel("gemini-2.5-flash", client))
+    strategy: LLMCallStrategy[object]
+    if base_url == "direct":
+        strategy = DirectCallStrategy(_instant, model_name="gemini-2.5-flash")
+    else:
+        options = types.HttpOptions(base_url=base_url, api_version="v1beta", retry_options=None)
+        client = genai.Client(vertexai=False, api_key="bench-key", http_options=options)
+        strategy = GeminiStrategy(GeminiModel("gemini-2.5-flash", client))
     config = ProcessorConfig(
         max_workers=workers, chunk_size=chunk, fail_on_item_failure=False, progress_interval=max(1, chunk)
     )
@@ -52,7 +64,7 @@ def _child(source: str, output: str, base_url: str, chunk: int, workers: int) ->
     )
 
 
-def run(rows: int, *, chunk: int, workers: int, latency: float) -> dict[str, float]:
+def run(rows: int, *, chunk: int, workers: int, latency: float, direct: bool = False) -> dict[str, float]:
     import pandas as pd
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -117,11 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=100)
     parser.add_argument("--latency", type=float, default=0.005)
+    parser.add_argument("--direct", action="store_true", help="no provider: instant answers, same pipeline")
     args = parser.parse_args(argv)
     header = ("rows", "items/s", "cpu ms/item", "peak RSS MB", "objects", "output MB")
     print(" ".join(f"{h:>12}" for h in header))
     for rows in args.rows:
-        r = run(rows, chunk=args.chunk, workers=args.workers, latency=args.latency)
+        r = run(rows, chunk=args.chunk, workers=args.workers, latency=args.latency, direct=args.direct)
         print(
             f"{rows:>12,} {r['items_per_s']:>12} {r['cpu_ms_per_item']:>12} {r['peak_rss_mb']:>12.0f} "
             f"{r['storage_objects']:>12} {r['output_mb']:>12}",
