@@ -1,1 +1,1 @@
-"""Benchmarks (not tests): ``python -m benchmarks.run`` / ``make bench``."""
+"""Benchmarks (not tests): ``make bench`` (benchmarks/bench.py), ``make bench-limits`` (benchmarks/run.py)."""

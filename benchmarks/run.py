@@ -21,7 +21,7 @@ everything against a real ``prefect server start`` (SQLite; or the URL in ``--ap
 e.g. a PostgreSQL-backed server). ``--scale 0.2`` shrinks item counts for a quick look.
 
     python -m benchmarks.run                   # a, b, c on the ephemeral API
-    python -m benchmarks.run --server          # ... and on a real server (what `make bench` runs)
+    python -m benchmarks.run --server          # ... and on a real server (what `make bench-limits` runs)
     python -m benchmarks.run --mode run_batch  # one task run per item
     python -m benchmarks.run --cases a --mode naive --scale 0.15
 """
@@ -40,15 +40,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_HOME = tempfile.mkdtemp(prefix="batchllm-bench-")
-os.environ.setdefault("PREFECT_HOME", _HOME)
-for _key, _value in {
+#: Environment of a benchmark process: quiet Prefect, no telemetry, a patient ephemeral API start-up.
+BENCH_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_LOGGING_LEVEL": "ERROR",
     "PREFECT_SERVER_LOGGING_LEVEL": "ERROR",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-}.items():
+    "BATCHLLM_PROGRESS": "0",
+}
+if "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="batchllm-bench-")
+for _key, _value in BENCH_ENV.items():
     os.environ.setdefault(_key, _value)
 
 MODEL = "gemini-2.5-flash"

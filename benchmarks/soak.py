@@ -9,8 +9,10 @@ and the server's request log:
 
 * rows lost and duplicated in the output (both must be 0);
 * finished rows re-requested after a kill (a row the server answered successfully in a killed run and that
-  a later run requested again): bounded by the rows in flight when the process died (``max_workers`` per
-  kill), since chunked mode persists each row's result as soon as it succeeds;
+  a later run requested again): bounded per kill by the rows in flight when the process died
+  (``max_workers``) plus the rows the server finished in the last result-log flush interval before the kill
+  (``FLUSH_WINDOW_S``: the log's 1 s interval plus slack for a loaded event loop), since successes are
+  persisted in per-chunk records flushed at least every second;
 * requests per fault kind, server outages;
 * the tokens the last run's table reports vs the server's usage for that run's requests.
 
@@ -113,6 +115,11 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+#: Rows finished this long before a kill may still be in the result log's buffer: its flush interval (1 s)
+#: plus 2 s for a flush delayed by a busy event loop or disk.
+FLUSH_WINDOW_S = 3.0
 
 
 def _finished(record: Any) -> bool:
@@ -243,14 +250,16 @@ def run_soak(
 
     generate = [r for r in requests if r.endpoint == "generateContent"]
     re_requested: set[str] = set()
+    re_request_bound = 0
     for begin, end, killed in runs:
         if not killed:
             continue
-        done = {
-            row_of(r) for r in generate if _finished(r) and begin <= r.started_at and r.finished_at <= end
-        }
+        finished = [r for r in generate if _finished(r) and begin <= r.started_at and r.finished_at <= end]
+        done = {row_of(r) for r in finished}
         later = {row_of(r) for r in generate if r.started_at > end}
         re_requested |= done & later
+        unflushed = {row_of(r) for r in finished if r.finished_at > end - FLUSH_WINDOW_S}
+        re_request_bound += max_workers + len(unflushed)
     kinds = collections.Counter(_kind(r) for r in generate)
 
     last_begin, last_end, _ = runs[-1]
@@ -272,7 +281,7 @@ def run_soak(
         duplicated=duplicated,
         failed_at_end=int((~out_frame["success"]).sum()),
         re_requested_after_kill=len(re_requested),
-        re_request_bound=max_workers * sum(1 for *_, killed in runs if killed),
+        re_request_bound=re_request_bound,
         requests_by_fault=dict(sorted(kinds.items())),
         outages=outages.count,
         last_run_table_tokens={

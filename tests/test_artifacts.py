@@ -235,3 +235,69 @@ async def test_default_prefix_is_the_calling_flows_name() -> None:
     assert "| succeeded | 1 |" in summary.data
     await _latest(f"enrich-books-{tag}-failed-items")
     await _latest(f"enrich-books-{tag}-progress")
+
+
+@pytest.mark.usefixtures("prefect_api")
+async def test_progress_updates_are_bounded_by_time_not_item_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,000 items finishing over 10 (simulated) seconds send about one update a second, not one per
+    ``interval`` items; concurrent finishers never queue updates; the final count always arrives."""
+    import prefect_batchllm.prefect.artifacts as artifacts
+
+    sent: list[float] = []
+    real_update = artifacts.aupdate_progress_artifact
+
+    async def counting_update(artifact_id: Any, progress: float, **kwargs: Any) -> Any:
+        sent.append(progress)
+        return await real_update(artifact_id, progress, **kwargs)
+
+    monkeypatch.setattr(artifacts, "aupdate_progress_artifact", counting_update)
+    now = [0.0]
+    prefix = f"prog-{uuid.uuid4().hex[:8]}"
+
+    @flow(name="progress-bound")
+    async def drive() -> artifacts.ProgressArtifact:
+        progress = artifacts.ProgressArtifact(prefix, 1000, interval=2, clock=lambda: now[0])
+        await progress.start()
+        done = 0
+        for _ in range(100):  # 100 waves of 10 concurrent finishers, 0.1 s apart
+            now[0] += 0.1
+            updates = []
+            for _ in range(10):
+                done += 1
+                updates.append(progress.update(done))
+            await asyncio.gather(*updates)
+        await progress.update(done, force=True)
+        return progress
+
+    progress = await drive()
+    # 10 s of simulated time at <= 1 update/s, plus the final one (item count alone would allow 500).
+    assert 5 <= len(sent) <= 11, sent
+    assert progress.updates == len(sent)
+    assert sent[-1] == 100.0 and sent == sorted(sent)
+    stored = await _latest(f"{prefix}-progress")
+    assert float(stored.data) == 100.0
+
+
+@pytest.mark.usefixtures("prefect_api")
+async def test_progress_interval_still_gates_slow_batches() -> None:
+    """A slow batch (one item a minute) still updates only every ``interval`` items, and the last item
+    is always published even when the previous update was a moment ago."""
+    import prefect_batchllm.prefect.artifacts as artifacts
+
+    now = [0.0]
+    prefix = f"prog-{uuid.uuid4().hex[:8]}"
+
+    @flow(name="progress-slow")
+    async def drive() -> int:
+        progress = artifacts.ProgressArtifact(prefix, 9, interval=3, clock=lambda: now[0])
+        await progress.start()
+        for done in range(1, 9):
+            now[0] += 60.0
+            await progress.update(done)
+        now[0] += 0.01
+        await progress.update(9)  # the last item: sent although the previous update was 10 ms ago
+        return progress.updates
+
+    assert await drive() == 3  # at 3, 6 and 9 items
+    stored = await _latest(f"{prefix}-progress")
+    assert float(stored.data) == 100.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 import uuid
 from typing import Any
@@ -1149,3 +1150,18 @@ async def test_chunk_size_is_validated() -> None:
             ProcessorConfig(chunk_size=bad)
     with pytest.raises(TypeError, match=r"ProcessorConfig\.chunk_size"):
         ProcessorConfig(chunk_size=2.5)  # type: ignore[arg-type]
+
+
+async def test_a_failed_chunk_logs_counts_not_outputs(caplog: pytest.LogCaptureFixture) -> None:
+    """A chunk with a failed item ends Failed carrying its results; what Prefect logs of that state names
+    counts and ids, never the items' outputs."""
+    tag = _tag()
+    strategy = Counting(fail={"item-002"})
+    with caplog.at_level(logging.DEBUG):
+        result = await run_batch(
+            _items(strategy, 6, tag), ProcessorConfig(chunk_size=3, persist_results=False, retry=FAST_RETRY)
+        )
+    assert result.failed == 1 and result.succeeded == 5
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "1 of 3 items failed (fatal=1): item-002" in logged
+    assert tag.upper() not in logged  # every output is the upper-cased prompt, which holds the tag

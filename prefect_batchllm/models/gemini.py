@@ -7,6 +7,11 @@ fingerprint, in-place TTL renewal, one serialised recreation when the API says t
 concurrency-safe explicit delete. Its serialisation works from any event loop or thread (Prefect runs
 mapped async tasks on their own loops), so one instance can be shared by a whole flow run.
 
+Both models pickle (Dask / Ray workers, process pools): a live client travels as a
+:class:`GenaiClientFactory` recipe and clients and locks are rebuilt lazily where the copy lands. A
+prepared ``GeminiCachedModel`` carries its cache's name, so a worker's copy uses the cache the driver's
+``prepare()`` found or created; a copy pickled before that looks it up by display name, like ``prepare``.
+
 The SDK's own retries stay off (``retry_options=None``): retries, backoff and ``RetryInfo`` belong to the
 orchestration layer.
 """
@@ -40,7 +45,7 @@ from prefect_batchllm.models.base import LLMResponse
 if TYPE_CHECKING:
     from google import genai
 
-__all__ = ["GeminiCachedModel", "GeminiModel", "usage_from_response"]
+__all__ = ["GeminiCachedModel", "GeminiModel", "GenaiClientFactory", "usage_from_response"]
 
 #: Finish reasons that mean the answer was withheld on safety/policy grounds (never worth retrying).
 BLOCKING_FINISH_REASONS = frozenset(
@@ -109,6 +114,99 @@ def _validate_model_and_client(model: Any, client: Any) -> None:
         )
 
 
+#: Headers the SDK adds itself (the key, its version tags): never copied into a client recipe.
+_SDK_HEADERS = frozenset({"x-goog-api-key", "user-agent", "x-goog-api-client", "content-type"})
+#: ``HttpOptions`` fields that hold live transport objects; a client using them cannot be rebuilt elsewhere.
+_LIVE_HTTP_FIELDS = ("httpx_client", "httpx_async_client", "aiohttp_client")
+
+
+class GenaiClientFactory:
+    """A picklable recipe for a ``genai.Client``: what another process needs to build its own.
+
+    A ``genai.Client`` holds locks and loop-bound connection pools, so it cannot travel to a Dask / Ray
+    worker; a model pickles its client as this recipe instead (API key or Vertex project/location and
+    credentials, endpoint, API version, headers, timeout, retry options) and the worker builds one
+    client per event loop from it. The API key travels (the worker must call the API with it) but never
+    shows in ``repr``, and it is registered for masking again in the process that unpickles it.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        vertexai: bool | None = None,
+        project: str | None = None,
+        location: str | None = None,
+        credentials: Any = None,
+        http_options: dict[str, Any] | None = None,
+    ) -> None:
+        self._api_key = api_key
+        self.vertexai = vertexai
+        self.project = project
+        self.location = location
+        self.credentials = credentials
+        self.http_options = dict(http_options or {})
+        register_secret(api_key)
+
+    @classmethod
+    def of(cls, client: genai.Client) -> GenaiClientFactory:
+        """The recipe of an existing client (read from its settings, the SDK's own headers left out)."""
+        api = getattr(client, "_api_client", None)
+        options = getattr(api, "_http_options", None)
+        if api is None or options is None:
+            raise TypeError(f"cannot read the settings of {type(client).__name__}; pass a client factory")
+        live = [name for name in _LIVE_HTTP_FIELDS if getattr(options, name, None) is not None]
+        if live:
+            raise TypeError(
+                f"this genai.Client was built with http_options {live} (live transport objects), which "
+                "cannot be pickled for another process; give the model a zero-argument factory that "
+                "builds the client (e.g. GeminiModel(model, lambda: genai.Client(...))) instead"
+            )
+        fields: dict[str, Any] = {}
+        vertex = bool(getattr(api, "vertexai", False))
+        if not vertex or getattr(api, "custom_base_url", None):
+            fields["base_url"] = options.base_url
+        for name in ("api_version", "timeout", "client_args", "async_client_args", "extra_body"):
+            value = getattr(options, name, None)
+            if value is not None:
+                fields[name] = value
+        if options.retry_options is not None:
+            fields["retry_options"] = options.retry_options.model_dump(exclude_none=True)
+        headers = {k: v for k, v in (options.headers or {}).items() if k.lower() not in _SDK_HEADERS}
+        if headers:
+            fields["headers"] = headers
+        return cls(
+            api_key=getattr(api, "api_key", None),
+            vertexai=vertex or None,
+            project=getattr(api, "project", None),
+            location=getattr(api, "location", None),
+            credentials=getattr(api, "_credentials", None),
+            http_options=fields,
+        )
+
+    def __call__(self) -> genai.Client:
+        """A new ``genai.Client`` built from this recipe."""
+        from google import genai
+
+        return genai.Client(
+            vertexai=self.vertexai,
+            api_key=self._api_key,
+            project=self.project,
+            location=self.location,
+            credentials=self.credentials,
+            http_options=types.HttpOptions(**self.http_options),
+        )
+
+    def __repr__(self) -> str:
+        where = self.http_options.get("base_url") or (self.location if self.vertexai else None)
+        key = "***" if self._api_key else None
+        return f"GenaiClientFactory(api_key={key!r}, vertexai={self.vertexai!r}, base_url={where!r})"
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        register_secret(self._api_key)  # this process masks the key from now on
+
+
 def register_client_key(client: Any) -> None:
     """Register the API key a ``genai.Client`` was built with for masking (however the key came in).
 
@@ -158,6 +256,25 @@ class GeminiModel:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model!r})"
+
+    # -- pickling: to Dask / Ray workers, process pools, persisted results ---------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Configuration only: a live ``genai.Client`` travels as a :class:`GenaiClientFactory` recipe,
+        per-loop clients and locks stay behind (the unpickled copy builds its own, lazily)."""
+        state = self.__dict__.copy()
+        state.pop("_clients", None)
+        state.pop("_clients_lock", None)
+        if self._client_factory is None:
+            recipe = GenaiClientFactory.of(self.client)  # type: ignore[arg-type]
+            state["client"] = recipe
+            state["_client_factory"] = recipe
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._clients = weakref.WeakKeyDictionary()
+        self._clients_lock = threading.Lock()
 
     def _client(self) -> genai.Client:
         """The client to use on the running event loop.
@@ -444,6 +561,7 @@ class GeminiCachedModel(GeminiModel):
         self._cache_name: str | None = None
         self._expire_time: datetime | None = None
         self._deleted = False
+        self._shipped = False  # True in a copy unpickled in another process
         #: How many caches this instance created / renewed (for tests and stats).
         self.creates = 0
         self.renewals = 0
@@ -452,6 +570,21 @@ class GeminiCachedModel(GeminiModel):
         self._display_name = f"{DISPLAY_NAME_PREFIX}:{self._content_hash_value[:16]}"
         if self.cache_tags:
             self._display_name += f":{_sha256(self.cache_tags)[:8]}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a worker needs: configuration plus the prepared cache's name and expiry (so the worker
+        uses the cache the driver's ``prepare()`` found or created, and never creates another); the lock
+        and the counters stay behind."""
+        state = super().__getstate__()
+        state.pop("_lock", None)
+        state["creates"] = state["renewals"] = 0  # the copy counts what *it* does
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._lock = _AnyLoopLock()
+        #: A copy in another process: copies may race to replace a vanished cache (see ``_converge``).
+        self._shipped = True
 
     # -- identity -------------------------------------------------------------------------------------
 
@@ -627,6 +760,41 @@ class GeminiCachedModel(GeminiModel):
         created = await self._client().aio.caches.create(model=self.model, config=config)
         self.creates += 1
         self._adopt(created)
+        if getattr(self, "_shipped", False):
+            await self._converge(created)
+
+    async def _converge(self, created: types.CachedContent) -> None:
+        """Copies in several worker processes that each replaced a vanished cache end on ONE cache.
+
+        Every copy lists the live caches of this display name after creating and adopts the earliest
+        created (then the smallest name): whichever copy lists last sees both, and one created before
+        another's listing is always the earlier one, so all copies pick the same cache. A copy whose
+        own cache lost deletes it again.
+        """
+        wanted_model = bare_model_name(self.model)
+        now = datetime.now(UTC)
+        live: list[types.CachedContent] = []
+        pager = await self._client().aio.caches.list(config=types.ListCachedContentsConfig(page_size=100))
+        async for cache in pager:
+            if cache.display_name != self.display_name or not cache.name:
+                continue
+            if cache.model and bare_model_name(cache.model) != wanted_model:
+                continue
+            if cache.expire_time is not None and cache.expire_time <= now:
+                continue
+            live.append(cache)
+        if not live:
+            return
+        far = datetime.max.replace(tzinfo=UTC)
+        winner = min(live, key=lambda c: (c.create_time or far, c.name or ""))
+        if winner.name == created.name:
+            return
+        self._adopt(winner)
+        try:
+            await self._client().aio.caches.delete(name=created.name or "")
+        except Exception as exc:
+            if not is_missing_cache_error(exc):
+                raise
 
     def _adopt(self, cache: types.CachedContent) -> None:
         if not cache.name:

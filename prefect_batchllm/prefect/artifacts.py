@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -30,6 +32,7 @@ __all__ = [
     "MAX_MESSAGE_CHARS",
     "MAX_SUMMARY_FAILURES",
     "MAX_TABLE_ROWS",
+    "PROGRESS_MIN_SECONDS",
     "ProgressArtifact",
     "artifact_keys",
     "failed_items_table",
@@ -242,19 +245,40 @@ async def publish_batch_artifacts(
     return ids
 
 
-class ProgressArtifact:
-    """A progress bar artifact (``<prefix>-progress``) moved every ``interval`` completed items.
+#: Least time between two progress-artifact updates: each one is an API call (and an event) for the server,
+#: so a fast batch sends about one a second, not one per ``progress_interval`` items.
+PROGRESS_MIN_SECONDS = 1.0
 
-    Updates are serialised and always send the newest count, so concurrent workers can never leave an
-    older percentage as the final value.
+
+class ProgressArtifact:
+    """A progress bar artifact (``<prefix>-progress``) moved as items complete, at most once per
+    ``min_seconds`` and only after ``interval`` more items finished (the final count is always sent).
+
+    Each update is an API call and an event for the Prefect server, so they are bounded by time, not by
+    item count: a 10,000-item batch that runs for a minute sends ~60 updates, not 1,000. An update never
+    waits for one already on its way (it is skipped; the next or the final one carries the newer count),
+    except the final one (all items done, or ``force``), which waits and then sends the newest count, so
+    concurrent workers can never leave an older percentage as the final value.
     """
 
-    def __init__(self, prefix: str, total: int, interval: int) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        total: int,
+        interval: int,
+        *,
+        min_seconds: float = PROGRESS_MIN_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.key = artifact_keys(prefix)["progress"]
         self.total = total
         self.interval = max(1, interval)
+        self.min_seconds = max(0.0, min_seconds)
         self.artifact_id: UUID | None = None
+        self.updates = 0  # updates sent (after the artifact was created)
+        self._clock = clock
         self._published = -1
+        self._published_at = float("-inf")
         self._latest = 0
         self._lock = asyncio.Lock()
 
@@ -264,17 +288,24 @@ class ProgressArtifact:
                 0.0, key=self.key, description=f"0/{self.total} items"
             )
             self._published = 0
+            self._published_at = self._clock()
         except Exception as exc:
             logger.warning("could not create progress artifact %r: %s", self.key, exc)
 
     async def update(self, completed: int, *, force: bool = False) -> None:
-        """Publish progress when ``interval`` more items finished, at the end, or when ``force``d."""
+        """Publish progress when due (``interval`` more items and ``min_seconds`` since the last update),
+        when every item is done, or when ``force``d."""
         self._latest = max(self._latest, completed)
-        if self.artifact_id is None:
+        if self.artifact_id is None or self._latest == self._published:
             return
-        due = self._latest - self._published >= self.interval or self._latest >= self.total
-        if not (due or force) or self._latest == self._published:
-            return
+        final = force or self._latest >= self.total
+        if not final:
+            due = (
+                self._latest - self._published >= self.interval
+                and self._clock() - self._published_at >= self.min_seconds
+            )
+            if not due or self._lock.locked():  # one update at a time; never queue behind it
+                return
         async with self._lock:
             latest = self._latest
             if latest == self._published:
@@ -285,5 +316,8 @@ class ProgressArtifact:
                     self.artifact_id, percent, description=f"{latest}/{self.total} items"
                 )
                 self._published = latest
+                self.updates += 1
             except Exception as exc:
                 logger.warning("could not update progress artifact %r: %s", self.key, exc)
+            finally:
+                self._published_at = self._clock()

@@ -46,6 +46,13 @@ class _DropsLiveState:
         state["__pydantic_private__"] = private
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        self._register_secrets()
+
+    def _register_secrets(self) -> None:
+        """Register this block's secrets for masking in the process that unpickles it (no validator runs)."""
+
 
 class GeminiCredentials(_DropsLiveState, Block):
     """Gemini Developer API key (stored encrypted) and an optional endpoint override.
@@ -88,6 +95,9 @@ client = GeminiCredentials.load("BLOCK_NAME").get_client()
             raise ValueError("api_key must not be empty")
         register_secret(value.get_secret_value())
         return value
+
+    def _register_secrets(self) -> None:
+        register_secret(self.api_key.get_secret_value())
 
     def _client_lock(self) -> threading.Lock:
         if self._lock is None:

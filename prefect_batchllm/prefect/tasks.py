@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatchRun",
-    "ChunkItemsFailed",
+    "ChunkResults",
     "attempt_item",
     "attempt_with_retries",
     "cleanup_strategy",
@@ -142,10 +142,12 @@ def prompt_sha256(prompt: Any) -> str:
     return sha256_of(prompt)
 
 
-def item_cache_key(item: LLMWorkItem[Any, Any]) -> str:
+def item_cache_key(item: LLMWorkItem[Any, Any], fingerprint: str | None = None) -> str:
     """Cache key of an item's result: (item_id, prompt sha256, strategy fingerprint, prompt template name and
-    version when set), no run id: a new template version re-runs the item even if its prompt is unchanged."""
-    parts = [CACHE_VERSION, item.item_id, prompt_sha256(item.prompt), item.strategy.fingerprint()]
+    version when set), no run id: a new template version re-runs the item even if its prompt is unchanged.
+    ``fingerprint``: the strategy's, when the caller already has it (it costs a canonical JSON + sha256)."""
+    fingerprint = fingerprint if fingerprint is not None else item.strategy.fingerprint()
+    parts = [CACHE_VERSION, item.item_id, prompt_sha256(item.prompt), fingerprint]
     if item.template is not None:
         parts.append(f"template={item.template.name}@{item.template.version}")
     raw = "|".join(parts)
@@ -349,10 +351,6 @@ async def process_item(item_id: str, item: LLMWorkItem[Any, Any], run: BatchRun)
 # Chunked execution: one task run per chunk, items inside it retried and persisted here
 
 
-class ChunkItemsFailed(Exception):
-    """A chunk's task run ends Failed when any of its items failed; the batch still returns every result."""
-
-
 def chunk_failure_message(results: list[WorkItemResult[Any, Any]]) -> str | None:
     """The Failed message of a chunk's task run (counts by category, first ids); None if all succeeded."""
     failed = [r for r in results if not r.success]
@@ -364,6 +362,14 @@ def chunk_failure_message(results: list[WorkItemResult[Any, Any]]) -> str | None
     return f"{len(failed)} of {len(results)} items failed ({counts}): {shown}"
 
 
+class ChunkResults(list):  # type: ignore[type-arg]
+    """A chunk's results. Its repr is a count: Prefect logs a Failed chunk's state, which must never print
+    item outputs (or a million of them)."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} item results>"
+
+
 @task(name="process-chunk", task_run_name="{label}", cache_policy=NO_CACHE, persist_result=False, retries=0)
 async def process_chunk(label: str, execution: BatchExecution, source: ChunkSource) -> Any:
     """Run one chunk's items concurrently, each with its own retries; return their results (input order).
@@ -372,7 +378,7 @@ async def process_chunk(label: str, execution: BatchExecution, source: ChunkSour
     pickled, on a Dask / Ray worker. Never retried as a whole (``retries=0`` whatever the defaults): items
     retry individually inside. Any failed item makes the task run end Failed, still carrying every result.
     """
-    results = await execution.run_chunk(source)
+    results = ChunkResults(await execution.run_chunk(source))
     message = chunk_failure_message(results)
     if message is None:
         return results

@@ -81,6 +81,11 @@ def _text_parser(response: LLMResponse) -> str:
     return response.text
 
 
+def _default_parser(response_schema: Any) -> Callable[[LLMResponse], Any]:
+    """The parser :class:`GeminiStrategy` uses when none is given: validate into the schema, or the text."""
+    return pydantic_json_parser(response_schema) if response_schema is not None else _text_parser
+
+
 class GeminiStrategy(LLMCallStrategy[TOutput]):
     """Calls a Gemini (or any :class:`LLMModel`) model and parses its answer with ``response_parser``.
 
@@ -113,11 +118,24 @@ class GeminiStrategy(LLMCallStrategy[TOutput]):
         self.response_schema = response_schema
         self.generation_config = dict(generation_config or {})
         self.correction_retry = correction_retry
+        #: The parser was built here from ``response_schema`` (so a pickled copy rebuilds it, see below).
+        self._default_parser = response_parser is None
         if response_parser is None:
-            response_parser = (
-                pydantic_json_parser(response_schema) if response_schema is not None else _text_parser  # type: ignore[assignment]
-            )
-        self.response_parser: Callable[[LLMResponse], TOutput] = response_parser  # type: ignore[assignment]
+            response_parser = _default_parser(response_schema)
+        self.response_parser: Callable[[LLMResponse], TOutput] = response_parser
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the default schema parser (a closure plain ``pickle`` cannot carry); the copy
+        rebuilds the very same parser from ``response_schema``, so its fingerprint is unchanged."""
+        state = self.__dict__.copy()
+        if state.get("_default_parser"):
+            state["response_parser"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.__dict__.get("_default_parser"):
+            self.response_parser = _default_parser(self.response_schema)
 
     def __repr__(self) -> str:
         return f"GeminiStrategy(model={self.model!r})"

@@ -117,6 +117,16 @@ class PydanticAIStrategy(LLMCallStrategy[TOutput]):
     def __repr__(self) -> str:
         return f"PydanticAIStrategy(model={self.model_name!r})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Refuse clearly: a pydantic-ai ``Agent`` holds context variables, weak references and (for Gemini)
+        a live client, so it cannot travel to another process (Dask / Ray workers, process pools)."""
+        raise TypeError(
+            "PydanticAIStrategy cannot be pickled for another process (a pydantic_ai.Agent holds context "
+            "variables and live clients); to run on Dask / Ray task runners use "
+            "AgentFactoryStrategy(make_agent) with a module-level make_agent(attempt) that builds the Agent, "
+            "so each worker builds its own"
+        )
+
     @property
     def model_name(self) -> str | None:
         """The agent's model name (for pricing and the UI)."""
@@ -203,6 +213,17 @@ class AgentFactoryStrategy(LLMCallStrategy[TOutput]):
 
     def __repr__(self) -> str:
         return f"AgentFactoryStrategy({getattr(self.agent_factory, '__qualname__', self.agent_factory)!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The factory only: agents (which cannot be pickled) and the lock are rebuilt where it lands."""
+        state = self.__dict__.copy()
+        state.update(_first_agent=None, _probe_unused=False)
+        state.pop("_probe_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._probe_lock = threading.Lock()
 
     def _agent_for(self, attempt: int) -> Any:
         agent = self.agent_factory(attempt)
