@@ -473,3 +473,51 @@ def test_empty_tables_give_an_empty_output_with_every_column(
         assert len(got) == 0 and result.total_items == 0
         assert list(got.columns) == ["code", "title", "output", *RESULT_COLUMNS]
     assert emulator.count() == 0
+
+
+def test_streaming_on_dask_worker_processes_matches_in_process(
+    prefect_api: str, emulator: GeminiEmulator, tmp_path: Path
+) -> None:
+    """Chunk tasks on a ``distributed.LocalCluster`` (2 worker processes): each worker reads its own slice
+    and writes its own part file; the output equals the in-process run's."""
+    import logging
+
+    distributed = pytest.importorskip("distributed", reason="the [dask] extra is not installed")
+    prefect_dask = pytest.importorskip("prefect_dask", reason="the [dask] extra is not installed")
+    n = 400
+    df = _books(n, uuid.uuid4().hex[:6])
+    write_table(df, tmp_path / "in.parquet")
+    strategy = GeminiStrategy(GeminiModel("gemini-2.5-flash", emulator.client()))
+    template = "Summarize {title}. ({year})"
+    _faults(emulator, n)
+    enrich_table_file(
+        tmp_path / "in.parquet",
+        tmp_path / "local.parquet",
+        template,
+        strategy,
+        "isbn",
+        _fast(chunk_size=50, refresh_cache=True),
+    )
+    _faults(emulator, n)
+    with distributed.LocalCluster(
+        n_workers=2,
+        processes=True,
+        threads_per_worker=1,
+        dashboard_address=None,
+        silence_logs=logging.WARNING,
+    ) as cluster:
+        result = enrich_table_file(
+            tmp_path / "in.parquet",
+            tmp_path / "dask.parquet",
+            template,
+            strategy,
+            "isbn",
+            _fast(chunk_size=50, refresh_cache=True),
+            task_runner=prefect_dask.DaskTaskRunner(address=cluster.scheduler_address),
+        )
+    pd.testing.assert_frame_equal(
+        read_table(tmp_path / "dask.parquet"), read_table(tmp_path / "local.parquet")
+    )
+    assert result.total_items == n and result.failed == int(
+        (~read_table(tmp_path / "local.parquet")["success"]).sum()
+    )
