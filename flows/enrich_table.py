@@ -15,12 +15,22 @@ default) a run with failed rows writes the complete output file and its artifact
 UI offers Retry; the ids of the failed rows are kept as the ``<key>-failed-rows`` table artifact, which is
 what ``rerun-failed`` reads.
 
+Large tables stream (``prefect_batchllm.streaming.enrich_table_file``): the input is read slice by slice
+(Parquet row groups; a CSV is first converted once, streaming, into a staging Parquet file next to the
+output), each chunk task writes its rows to a part file next to the output, and the output is committed
+as ONE Parquet file (CSV for a ``.csv`` output) by an atomic rename at the end; the flow holds the rows of
+the chunks in flight, never the table. ``task_runner`` (e.g. ``"dask://scheduler:8786"``) runs the chunk
+tasks on a Dask / Ray cluster, each reading its own slice. The failed rows are also written to
+``<output_path>.failed.parquet``. ``execution="batch_api"`` runs the table in memory (a Gemini batch job
+needs all of its rows).
+
 Run locally: ``python -m flows.enrich_table --help``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -37,6 +47,7 @@ from prefect_batchllm.core.templates import PromptTemplate
 from prefect_batchllm.core.templates import load_prompt_template as load_template_file
 from prefect_batchllm.dataframe import enrich_frame, output_model, row_ids
 from prefect_batchllm.prefect.artifacts import slugify_key
+from prefect_batchllm.streaming import DEFAULT_CHUNK_ROWS, TableBatchResult, enrich_table_file
 from prefect_batchllm.tables import read_table, write_table
 
 __all__ = [
@@ -44,6 +55,7 @@ __all__ = [
     "enrich_table",
     "failed_rows_key",
     "load_prompt_template",
+    "publish_failed_ids",
     "table_config",
 ]
 
@@ -120,10 +132,16 @@ def publish_failed_rows(frame: pd.DataFrame, ids: list[str], prefix: str) -> Non
     """Record the ids of all failed rows of this run (no cap: ``rerun-failed`` needs every one)."""
     failed = ~frame["success"].to_numpy()
     categories = frame["error_category"].tolist()
-    table = {
-        "item_id": [item_id for item_id, bad in zip(ids, failed, strict=True) if bad],
-        "category": [str(cat) for cat, bad in zip(categories, failed, strict=True) if bad],
-    }
+    publish_failed_ids(
+        [item_id for item_id, bad in zip(ids, failed, strict=True) if bad],
+        [str(cat) for cat, bad in zip(categories, failed, strict=True) if bad],
+        prefix,
+    )
+
+
+def publish_failed_ids(ids: list[str], categories: list[str], prefix: str) -> None:
+    """The ``<prefix>-failed-rows`` table artifact: every failed row id and its error category."""
+    table = {"item_id": list(ids), "category": list(categories)}
     create_table_artifact(
         table,
         key=failed_rows_key(prefix),
@@ -163,14 +181,17 @@ def enrich_table(
     execution: str = "online",
     batch_wait_timeout_s: float | None = None,
     batch_followup: str | None = None,
+    task_runner: str | None = None,
 ) -> dict[str, Any]:
     """Add LLM output columns to every row of ``input_path`` and write the table to ``output_path``.
 
     ``output_schema`` is ``{"field": "type", ...}`` (str, int, float, bool, date, datetime, list[str]...)
     or ``"package.module:Model"`` for a pydantic model (one column per field); ``None`` adds a text
     ``output`` column. Rows are identified by ``id_column`` (or the row index), which is what lets a later
-    run skip rows that already succeeded. ``chunk_size`` runs one task run per that many rows instead of
-    one per row (for tables of many thousands of rows). ``timeout_per_item`` bounds one attempt (seconds).
+    run skip rows that already succeeded. The table is streamed: ``chunk_size`` rows per task run (default
+    500), each chunk's rows written to a part file, one output file committed atomically at the end;
+    ``task_runner`` (``"dask://HOST:8786"``, ``"dask?n_workers=2"``, ``"ray://HOST:10001"``; default: this
+    process) runs the chunk tasks elsewhere. ``timeout_per_item`` bounds one attempt (seconds).
     ``prompt_template_path`` is a template file or directory (``prompt_template_name`` /
     ``prompt_template_version`` pick one; default the highest version).
 
@@ -199,16 +220,37 @@ def enrich_table(
         batch_wait_timeout_s=batch_wait_timeout_s,
         batch_followup=batch_followup,
     )
-    df = read_table(input_path)
-    frame, result = enrich_frame(
-        df, template, id_column=id_column, config=config, model_block=model_block, output_type=output_type
-    )
-    write_table(frame, output_path)
-    publish_failed_rows(frame, row_ids(frame, id_column), prefix)
-    summary = summarize(frame, result, output_path)
+    if execution == "online":
+        if chunk_size is None:
+            config = dataclasses.replace(config, chunk_size=DEFAULT_CHUNK_ROWS)
+        streamed: TableBatchResult = enrich_table_file(
+            input_path,
+            output_path,
+            template,
+            id_column=id_column,
+            config=dataclasses.replace(config, fail_on_item_failure=False),  # this flow decides below
+            model_block=model_block,
+            output_schema=output_schema,
+            task_runner=task_runner,
+        )
+        publish_failed_ids(streamed.failed_ids, streamed.failed_categories, prefix)
+        summary = {**streamed.table_summary, "output_path": output_path}
+        summary["estimated_cost_usd"] = round(streamed.estimated_cost_usd, 6)
+        summary["failed_rows_path"] = streamed.failed_path
+        pending = streamed.error_categories().get("batch_pending", 0)
+    else:
+        if task_runner is not None:
+            raise ValueError(f"task_runner applies to online runs; execution={execution!r} runs in the flow")
+        df = read_table(input_path)
+        frame, result = enrich_frame(
+            df, template, id_column=id_column, config=config, model_block=model_block, output_type=output_type
+        )
+        write_table(frame, output_path)
+        publish_failed_rows(frame, row_ids(frame, id_column), prefix)
+        summary = summarize(frame, result, output_path)
+        pending = int((frame["error_category"] == "batch_pending").sum())
     log.info("enrich-table: %s", json.dumps(summary))
     if fail_on_item_failure and summary.get("failed"):
-        pending = int((frame["error_category"] == "batch_pending").sum())
         hint = "Retry this run or run rerun-failed to re-request only the failed rows."
         if pending:  # not failures of the rows: their Gemini batch job is still running
             hint = (
@@ -239,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-minute", type=int)
     parser.add_argument("--max-workers", type=int, default=8)
     parser.add_argument("--max-attempts", type=int, default=3)
-    parser.add_argument("--chunk-size", type=int, help="rows per task run (default: one task run per row)")
+    parser.add_argument("--chunk-size", type=int, help=f"rows per task run (default {DEFAULT_CHUNK_ROWS})")
+    parser.add_argument("--task-runner", help="where chunk tasks run, e.g. dask://HOST:8786 (default: here)")
     parser.add_argument("--timeout-per-item", type=float, default=120.0, help="seconds per attempt")
     parser.add_argument("--no-fail", dest="fail_on_item_failure", action="store_false")
     args = vars(parser.parse_args(argv))

@@ -69,6 +69,7 @@ _EXPORTS: dict[str, str] = {
     # data pipelines
     "enrich_dataframe": "prefect_batchllm.dataframe",
     "EnrichmentFailed": "prefect_batchllm.dataframe",
+    "enrich_table_file": "prefect_batchllm.streaming",
     "read_table": "prefect_batchllm.tables",
     "write_table": "prefect_batchllm.tables",
 }
@@ -143,6 +144,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time each name l
         AgentFactoryStrategy as AgentFactoryStrategy,
         PydanticAIStrategy as PydanticAIStrategy,
     )
+    from prefect_batchllm.streaming import enrich_table_file as enrich_table_file
     from prefect_batchllm.tables import read_table as read_table, write_table as write_table
     # isort: on
 

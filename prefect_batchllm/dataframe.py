@@ -31,7 +31,7 @@ import os
 import string
 import types as _pytypes
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import pandas as pd
@@ -51,11 +51,15 @@ __all__ = [
     "INVALID_INPUT",
     "RESULT_COLUMNS",
     "EnrichmentFailed",
+    "UniqueIds",
+    "build_items",
+    "check_columns",
     "enrich_dataframe",
     "enrich_frame",
     "merge_rows",
     "output_columns",
     "output_model",
+    "result_frame",
     "row_ids",
     "template_fields",
 ]
@@ -130,32 +134,85 @@ def _check_columns(used: Sequence[str], columns: Sequence[Any], what: str) -> No
         )
 
 
-def row_ids(df: pd.DataFrame, id_column: str | None = None) -> list[str]:
+def row_ids(
+    df: pd.DataFrame, id_column: str | None = None, *, offset: int = 0, unique: bool = True
+) -> list[str]:
     """The item id of every row: ``str`` of ``id_column``'s value, else of the index label.
 
-    Raises ``ValueError`` for missing, empty or duplicate ids (they would merge rows or break reruns).
+    Raises ``ValueError`` for missing, empty or (with ``unique``) duplicate ids: they would merge rows or
+    break reruns. ``offset`` is the table position of ``df``'s first row (errors name table positions).
     """
     if id_column is not None:
         if id_column not in df.columns:
             _check_columns([id_column], list(df.columns), "id_column")
         values = df[id_column].tolist()
-        source = f"id_column {id_column!r}"
     else:
         values = df.index.tolist()
-        source = "the index"
+    source = _id_source(id_column)
     ids: list[str] = []
-    for position, value in enumerate(values):
+    for position, value in enumerate(values, start=offset):
         if _is_missing(value) or not str(value).strip():
             raise ValueError(f"{source} has a missing or empty id at row position {position}")
         ids.append(str(value))
-    if len(set(ids)) != len(ids):
-        dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
-        shown = ", ".join(repr(d) for d in dupes[:5])
-        raise ValueError(
-            f"{source} has duplicate ids ({shown}{' ...' if len(dupes) > 5 else ''}); every row needs a "
-            "unique id (pass id_column= or reset_index())"
-        )
+    if unique and len(set(ids)) != len(ids):
+        _raise_duplicates(source, sorted(i for i, n in Counter(ids).items() if n > 1))
     return ids
+
+
+def _id_source(id_column: str | None) -> str:
+    return f"id_column {id_column!r}" if id_column is not None else "the index"
+
+
+def _raise_duplicates(source: str, dupes: list[str]) -> None:
+    shown = ", ".join(repr(d) for d in dupes[:5])
+    raise ValueError(
+        f"{source} has duplicate ids ({shown}{' ...' if len(dupes) > 5 else ''}); every row needs a "
+        "unique id (pass id_column= or reset_index())"
+    )
+
+
+class UniqueIds:
+    """Whole-table id check for tables read in slices: ``add`` each slice's ids (missing / empty ids
+    fail at once), then ``duplicate_hashes()``. Holds one 8-byte hash per row (8 MB per million rows),
+    never the ids; a hash seen twice is confirmed against the real ids by :meth:`confirm` (a second
+    pass over the id column only, keeping the ids of those hashes)."""
+
+    def __init__(self, id_column: str | None = None) -> None:
+        self.source = _id_source(id_column)
+        self._hashes: list[Any] = []
+        self._rows = 0
+
+    @staticmethod
+    def hashes(ids: Sequence[str]) -> Any:
+        import numpy as np
+
+        return pd.util.hash_array(np.asarray(ids, dtype=object), categorize=False)
+
+    def add(self, ids: Sequence[str]) -> None:
+        self._hashes.append(self.hashes(ids))
+        self._rows += len(ids)
+
+    def duplicate_hashes(self) -> set[int]:
+        """Hashes that occur more than once (empty: the ids are unique)."""
+        import numpy as np
+
+        if not self._hashes:
+            return set()
+        merged = np.sort(np.concatenate(self._hashes))
+        self._hashes = [merged]
+        same = merged[1:] == merged[:-1]
+        return {int(h) for h in merged[1:][same]}
+
+    def confirm(self, suspects: set[int], id_batches: Iterable[Sequence[str]]) -> None:
+        """Raise the duplicate-id ``ValueError`` if ids with the ``suspects`` hashes really repeat."""
+        seen: Counter[str] = Counter()
+        for ids in id_batches:
+            for item_id, h in zip(ids, self.hashes(ids), strict=True):
+                if int(h) in suspects:
+                    seen[item_id] += 1
+        dupes = sorted(i for i, n in seen.items() if n > 1)
+        if dupes:
+            _raise_duplicates(self.source, dupes)
 
 
 def _is_missing(value: Any) -> bool:
@@ -208,6 +265,27 @@ def _prompts(
             out.append(_invalid(item_id, "prompt_fn returned an empty prompt"))
         else:
             out.append(prompt)
+    return out
+
+
+def build_items(
+    df: pd.DataFrame,
+    ids: list[str],
+    template: str | None,
+    prompt_fn: PromptFn | None,
+    strategy: LLMCallStrategy[Any],
+    template_ref: TemplateRef | None = None,
+) -> list[LLMWorkItem[Any, Any] | WorkItemResult[Any, Any]]:
+    """Per row, in order: its work item, or the ``invalid_input`` result of a row that cannot be sent
+    (missing value, unfillable template, bad ``prompt_fn`` result). Works on a whole frame or a slice."""
+    out: list[LLMWorkItem[Any, Any] | WorkItemResult[Any, Any]] = []
+    for item_id, prompt in zip(ids, _prompts(df, ids, template, prompt_fn), strict=True):
+        if isinstance(prompt, WorkItemResult):
+            if template_ref is not None:  # rows never sent record the template too
+                prompt.metadata = {**prompt.metadata, "prompt_template": template_ref.as_dict()}
+            out.append(prompt)
+        else:
+            out.append(LLMWorkItem(item_id=item_id, strategy=strategy, prompt=prompt, template=template_ref))
     return out
 
 
@@ -282,10 +360,11 @@ def output_columns(output_type: type[BaseModel] | None) -> list[str]:
     return list(output_type.model_fields) if output_type is not None else ["output"]
 
 
-def _result_frame(
+def result_frame(
     index: pd.Index, results: list[WorkItemResult[Any, Any]], output_type: type[BaseModel] | None
 ) -> pd.DataFrame:
-    """The added columns, one row per result (results are in row order)."""
+    """The columns enrichment adds, one row per result (results in row order): the same for a whole
+    table or any slice of it (the output column is text when every output of the slice is)."""
     success = [r.success for r in results]
     errors: list[str | None] = [r.error for r in results]
     categories: list[str | None] = [r.error_category for r in results]
@@ -429,8 +508,9 @@ def _normalize(
     config: ProcessorConfig | None,
     output_type: Any,
 ) -> tuple[str | None, PromptFn | None, ProcessorConfig, type[BaseModel] | None]:
-    """Type checks of the arguments; a callable given as ``prompt_template`` becomes ``prompt_fn``."""
-    if not isinstance(df, pd.DataFrame):
+    """Type checks of the arguments; a callable given as ``prompt_template`` becomes ``prompt_fn``
+    (``df=None``: a table read in slices, checked elsewhere)."""
+    if df is not None and not isinstance(df, pd.DataFrame):
         raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
     if isinstance(prompt_template, os.PathLike):
         prompt_template = load_prompt_template(prompt_template)
@@ -453,19 +533,32 @@ def _normalize(
     return prompt_template, prompt_fn, config, output_type  # type: ignore[return-value]
 
 
-def _check_table(
-    df: pd.DataFrame, prompt_template: str | None, id_column: str | None, output_type: type[BaseModel] | None
-) -> list[str]:
-    """Checks against the table itself (template columns, column clashes, ids); returns the row ids."""
+def check_columns(
+    columns: Sequence[Any],
+    prompt_template: str | None,
+    id_column: str | None,
+    output_type: type[BaseModel] | None,
+) -> None:
+    """Checks against the table's column names (template fields, id column, column clashes): the part of
+    the whole-table validation that needs no rows."""
     if prompt_template is not None:
-        _check_columns(template_fields(prompt_template), list(df.columns), "prompt_template")
+        _check_columns(template_fields(prompt_template), list(columns), "prompt_template")
+    if id_column is not None and id_column not in columns:
+        _check_columns([id_column], list(columns), "id_column")
     added = [*output_columns(output_type), *RESULT_COLUMNS]
-    clash = [c for c in added if c in df.columns]
+    clash = [c for c in added if c in columns]
     if clash:
         raise ValueError(
             f"the table already has column(s) {', '.join(map(repr, clash))} that enrichment adds; "
             "rename or drop them first"
         )
+
+
+def _check_table(
+    df: pd.DataFrame, prompt_template: str | None, id_column: str | None, output_type: type[BaseModel] | None
+) -> list[str]:
+    """Checks against the table itself (template columns, column clashes, ids); returns the row ids."""
+    check_columns(list(df.columns), prompt_template, id_column, output_type)
     return row_ids(df, id_column)
 
 
@@ -504,21 +597,13 @@ def enrich_frame(
         df = df.loc[keep]
         ids = [i for i in ids if i in wanted]
 
-    prompts = _prompts(df, ids, prompt_template, prompt_fn)
-    items = [
-        LLMWorkItem(item_id=item_id, strategy=resolved, prompt=prompt, template=template_ref)
-        for item_id, prompt in zip(ids, prompts, strict=True)
-        if not isinstance(prompt, WorkItemResult)
-    ]
-    if template_ref is not None:  # rows never sent record the template too
-        for prompt in prompts:
-            if isinstance(prompt, WorkItemResult):
-                prompt.metadata = {**prompt.metadata, "prompt_template": template_ref.as_dict()}
+    entries = build_items(df, ids, prompt_template, prompt_fn, resolved, template_ref)
+    items = [e for e in entries if isinstance(e, LLMWorkItem)]
     batch = _run(items, config) if items else None
     by_id = batch.by_id() if batch is not None else {}
-    results = [p if isinstance(p, WorkItemResult) else by_id[i] for i, p in zip(ids, prompts, strict=True)]
-    frame = pd.concat([df, _result_frame(df.index, results, output_type)], axis=1)
-    frame.attrs = {**df.attrs, "batchllm": _summary(frame, template_ref)}
+    results = [e if isinstance(e, WorkItemResult) else by_id[e.item_id] for e in entries]
+    frame = pd.concat([df, result_frame(df.index, results, output_type)], axis=1)
+    frame.attrs = {**df.attrs, "batchllm": summary_of(frame, template_ref)}
     return frame, batch
 
 
@@ -535,7 +620,7 @@ def _run(items: list[LLMWorkItem[Any, Any]], config: ProcessorConfig) -> BatchRe
     return outcome  # type: ignore[no-any-return]
 
 
-def _summary(frame: pd.DataFrame, template: TemplateRef | None = None) -> dict[str, Any]:
+def summary_of(frame: pd.DataFrame, template: TemplateRef | None = None) -> dict[str, Any]:
     """Counts stored in ``frame.attrs["batchllm"]`` (and the prompt template, when one was used)."""
     summary: dict[str, Any] = {
         "rows": len(frame),
