@@ -161,6 +161,11 @@ class BatchExecution:
         self.__dict__.update(state)
         self._init_runtime()
 
+    @property
+    def reports_live(self) -> bool:
+        """Whether this is the flow's process, where each item's result reaches the driver as it finishes."""
+        return self._report is not None
+
     # -- the driver's side ---------------------------------------------------------------------------
 
     def start(self, admission: Admission, events: EventDispatcher, report: Report) -> BatchRun:

@@ -380,9 +380,12 @@ async def process_chunk(label: str, execution: BatchExecution, source: ChunkSour
     """
     results = ChunkResults(await execution.run_chunk(source))
     message = chunk_failure_message(results)
+    # In the flow's process every result already reached the driver; returning them would keep them alive
+    # (Prefect links a task's return value to its state for the whole flow run): O(rows) for a table run.
+    value: Any = len(results) if execution.reports_live else results
     if message is None:
-        return results
-    return Failed(message=message, data=results)
+        return value
+    return Failed(message=message, data=value)
 
 
 def retry_delay(config: ProcessorConfig, attempt: int, retry_after: float | None) -> float:
