@@ -960,7 +960,8 @@ async def test_progress_artifact_moves_while_the_batch_runs() -> None:
         artifact_key=key,
         progress_callback_timeout=30,
     )
-    await run_batch(_items(Counting(), 5, _tag()), config, progress_callback=on_progress)
+    # Progress is published at most once a second: 5 items x 0.4 s one at a time outlast that.
+    await run_batch(_items(Counting(delay=0.4), 5, _tag()), config, progress_callback=on_progress)
     assert any(0 < value < 100 for value in seen), seen  # an intermediate value, read mid-run
 
 
