@@ -220,16 +220,19 @@ def quiet_environment(verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
-    if args.command == "emulator":
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    # ``emulator`` and ``demo`` forward everything after their name (argparse's REMAINDER would refuse
+    # ``emulator --port 8089``); the parser still lists them in --help.
+    if argv and argv[0] == "emulator":
         from prefect_batchllm.testing.__main__ import main as emulator_main
 
-        return int(emulator_main(args.args) or 0)
-    if args.command == "demo":
-        quiet_environment(verbose="-v" in args.args)
+        return int(emulator_main(argv[1:]) or 0)
+    if argv and argv[0] == "demo" and not {"-h", "--help"} & set(argv[1:]):
+        quiet_environment(verbose="-v" in argv[1:])
         from prefect_batchllm import demo
 
-        return int(demo.main(args.args) or 0)
+        return int(demo.main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
     if args.command == "batches":
         from prefect_batchllm.core.errors import describe_error
 
