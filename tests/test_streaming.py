@@ -475,6 +475,7 @@ def test_empty_tables_give_an_empty_output_with_every_column(
     assert emulator.count() == 0
 
 
+@pytest.mark.heavy  # a Dask cluster: on the newest Prefect only (Makefile)
 def test_streaming_on_dask_worker_processes_matches_in_process(
     prefect_api: str, emulator: GeminiEmulator, tmp_path: Path
 ) -> None:
