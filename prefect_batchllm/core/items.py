@@ -140,6 +140,29 @@ class WorkItemResult(Generic[TOutput, TContext]):
         self.token_usage = normalize_usage(self.token_usage)
 
 
+def _billing(result: WorkItemResult[Any, Any]) -> str:
+    return str(result.metadata.get("billing") or "online")
+
+
+def _cost(result: WorkItemResult[Any, Any], price: ModelPrice) -> float:
+    """What ``result``'s tokens cost at ``price`` (batch-billed answers at the batch rate)."""
+    u = result.token_usage
+    return price.cost(
+        u.get("input_tokens", 0),
+        u.get("output_tokens", 0),
+        u.get("cached_input_tokens", 0),
+        billing=_billing(result),
+    )
+
+
+def _template_key(result: WorkItemResult[Any, Any]) -> str | None:
+    """``"name@version"`` of the prompt template ``result`` was made from, if it records one."""
+    ref = result.metadata.get("prompt_template") if isinstance(result.metadata, dict) else None
+    if isinstance(ref, dict) and ref.get("name"):
+        return f"{ref['name']}@{ref.get('version')}"
+    return None
+
+
 @dataclass
 class BatchTally:
     """Running totals of a batch's results, without keeping the successes: what a streamed table run
@@ -167,22 +190,15 @@ class BatchTally:
         self.cached_tokens += usage.get("cached_input_tokens", 0)
         self.attempts += result.attempts
         self.replayed += result.replayed
-        billing = str(result.metadata.get("billing") or "online")
-        self.billed_batch += billing == "batch"
+        self.billed_batch += _billing(result) == "batch"
         if result.model:
             price = price_for(result.model)
             if price is None:
                 self.unpriced_models.add(result.model)
             else:
-                self.cost_usd += price.cost(
-                    usage.get("input_tokens", 0),
-                    usage.get("output_tokens", 0),
-                    usage.get("cached_input_tokens", 0),
-                    billing=billing,
-                )
-        ref = result.metadata.get("prompt_template")
-        if isinstance(ref, dict) and ref.get("name"):
-            key = f"{ref['name']}@{ref.get('version')}"
+                self.cost_usd += _cost(result, price)
+        key = _template_key(result)
+        if key is not None:
             self.prompt_templates[key] = self.prompt_templates.get(key, 0) + 1
         if result.success:
             self.succeeded += 1
@@ -268,7 +284,7 @@ class BatchResult(Generic[TOutput, TContext]):
         """Items answered by Gemini batch jobs (billed at batch prices)."""
         if self.summary is not None:
             return self.summary.billed_batch
-        return sum(1 for r in self.results if r.metadata.get("billing") == "batch")
+        return sum(1 for r in self.results if _billing(r) == "batch")
 
     @property
     def estimated_cost_usd(self) -> float:
@@ -279,13 +295,7 @@ class BatchResult(Generic[TOutput, TContext]):
         for r in self.results:
             price = price_for(r.model, self.prices)
             if price is not None:
-                u = r.token_usage
-                total += price.cost(
-                    u.get("input_tokens", 0),
-                    u.get("output_tokens", 0),
-                    u.get("cached_input_tokens", 0),
-                    billing=str(r.metadata.get("billing") or "online"),
-                )
+                total += _cost(r, price)
         return total
 
     @property
@@ -302,9 +312,8 @@ class BatchResult(Generic[TOutput, TContext]):
             return dict(self.summary.prompt_templates)
         counts: dict[str, int] = {}
         for r in self.results:
-            ref = r.metadata.get("prompt_template") if isinstance(r.metadata, dict) else None
-            if isinstance(ref, dict) and ref.get("name"):
-                key = f"{ref['name']}@{ref.get('version')}"
+            key = _template_key(r)
+            if key is not None:
                 counts[key] = counts.get(key, 0) + 1
         return counts
 
