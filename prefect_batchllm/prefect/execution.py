@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from prefect.context import FlowRunContext
@@ -411,7 +412,7 @@ class BatchExecution:
         replay is lost), with a warning naming why."""
         assert self.result_log is not None
         try:
-            await self.result_log.add(key, _persistable(result))
+            await self.result_log.add(key, result)  # the log stores a copy without ``context``
         except Exception as exc:
             logger.warning("could not persist the result of %s: %s", result.item_id, safe_reason(exc))
 
@@ -620,13 +621,6 @@ def _overrides(strategy: LLMCallStrategy[Any], hook: str) -> bool:
     return getattr(type(strategy), hook, None) is not getattr(LLMCallStrategy, hook)
 
 
-def _persistable(result: WorkItemResult[Any, Any]) -> WorkItemResult[Any, Any]:
-    """A copy of a success without the user's ``context`` (never persisted)."""
-    copy = WorkItemResult(**{f.name: getattr(result, f.name) for f in fields(WorkItemResult)})
-    copy.context = None
-    return copy
-
-
 async def _middleware_before(
     middlewares: list[Middleware], item: LLMWorkItem[Any, Any]
 ) -> LLMWorkItem[Any, Any] | None:
@@ -686,8 +680,7 @@ def _outcome(
     if not isinstance(value, WorkItemResult):
         error = TypeError(f"item task returned {type(value).__name__}, not a WorkItemResult")
         return failed_result(item, ledger, error, "fatal"), error
-    result = WorkItemResult(**{f.name: getattr(value, f.name) for f in fields(WorkItemResult)})
-    result.context = item.context
+    result = dataclasses.replace(value, context=item.context)
     if replayed:
         # Loaded from an earlier run's persisted result: nothing was requested or billed now.
         result.replayed = True
