@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -191,6 +192,27 @@ def test_admission_for_picks_the_limiter_only_when_a_limit_is_set() -> None:
 
 
 @pytest.mark.prefect
+async def test_an_admission_cancelled_after_its_grant_gives_its_in_flight_slot_back() -> None:
+    """The race behind a stuck in-flight lease: the grant lands, the waiting caller is cancelled before it
+    resumes. The permit exists only inside the cancelled task; its slot must still be returned."""
+    from prefect_batchllm.prefect.limits import LimiterStats, _Core, _Lease
+
+    config = RateLimitConfig(max_in_flight=2, limit_prefix=_prefix())
+    core = _Core(config, LimiterStats(), asyncio.get_running_loop())
+    assert core.inflight is not None
+    lease = _Lease(uuid.uuid4(), 2)
+    core.inflight.leases.append(lease)
+
+    caller = asyncio.create_task(core.admit(0))
+    await asyncio.sleep(0)  # the caller now waits for its grant
+    core._grant(core.waiters.popleft(), time.monotonic())
+    assert lease.used == 1
+    caller.cancel()  # before the caller ever resumed with its permit
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert lease.used == 0
+
+
 async def test_ensure_rate_limits_is_idempotent_and_updates(prefect_api: str) -> None:
     from prefect.client.orchestration import get_client
 
@@ -439,6 +461,24 @@ sys.exit(test_limits.shard_main(sys.argv[1:]))
 """
 
 
+def _dump_state() -> None:
+    """Print every thread's stack and each live limiter's state (a shard that hangs explains itself)."""
+    import faulthandler
+    import gc
+
+    from prefect_batchllm.prefect import limits
+
+    faulthandler.dump_traceback(all_threads=True)
+    for core in [obj for obj in gc.get_objects() if isinstance(obj, limits._Core)]:
+        now = time.monotonic()
+        leases = [(le.size, le.used, round(le.rotate_at - now, 1)) for le in core.inflight.leases]
+        waiting = sum(not w.future.done() for w in core.waiters)
+        print(f"limiter: {waiting} waiting, leases {leases}, {core.stats}", flush=True)
+        for task in asyncio.all_tasks(core.loop):
+            task.print_stack(limit=6)
+    sys.stdout.flush()
+
+
 def shard_main(argv: list[str]) -> int:
     """Subprocess entry: one ``run_batch`` flow run pushing ``count`` items through the shared limits."""
     from prefect_batchllm import GeminiModel, GeminiStrategy, LLMWorkItem, run_batch
@@ -456,8 +496,12 @@ def shard_main(argv: list[str]) -> int:
     )
     strategy = GeminiStrategy(GeminiModel(MODEL, lambda: _genai_client(base_url)), lambda r: r.text)
     items = [LLMWorkItem(f"{tag}-{i}", strategy, f"{tag} item {i}") for i in range(int(count))]
+    watchdog = threading.Timer(120, _dump_state)  # a hung shard says where it hangs, in its output
+    watchdog.daemon = True
+    watchdog.start()
     with _limiter_summary() as summary:  # its closing line says whether the quota bound this process
         result = run_batch(items, config)  # the product path, called from plain sync code
+    watchdog.cancel()
     print(summary.getvalue(), flush=True)
     print(f"{tag}: {result.succeeded}/{result.total_items} ok", flush=True)
     return 0 if result.failed == 0 else 1
@@ -548,7 +592,7 @@ def real_server() -> Iterator[str]:
 
 
 @pytest.mark.prefect
-def test_two_processes_share_one_quota(real_server: str) -> None:
+def test_two_processes_share_one_quota(real_server: str, tmp_path: Path) -> None:
     from _prefect_server import prefect_env
 
     from prefect_batchllm.testing import GeminiEmulator
@@ -559,28 +603,40 @@ def test_two_processes_share_one_quota(real_server: str) -> None:
     prefix = _prefix()
     env = prefect_env(real_server, home=os.environ.get("PREFECT_HOME"))
     with GeminiEmulator(latency=0.05, rpm=rpm, quota_window_s=window) as emulator:
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    SHARD.format(tests=str(TESTS)),
-                    emulator.base_url,
-                    prefix,
-                    tag,
-                    str(per_process),
-                    str(rpm),
-                    str(window),
-                    str(workers),
-                ],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for tag in ("shard-a", "shard-b")
-        ]
-        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+        # Output goes to files, not pipes: a shard blocked on a full pipe that nobody reads yet (we wait
+        # for the shards one after the other) would hold its in-flight slots and starve the other one.
+        logs = [tmp_path / f"{tag}.log" for tag in ("shard-a", "shard-b")]
+        procs = []
+        for tag, log in zip(("shard-a", "shard-b"), logs, strict=True):
+            with log.open("w") as sink:
+                argv = [tag, str(per_process), str(rpm), str(window), str(workers)]
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-c",
+                            SHARD.format(tests=str(TESTS)),
+                            emulator.base_url,
+                            prefix,
+                            *argv,
+                        ],
+                        env=env,
+                        stdout=sink,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        deadline = time.monotonic() + 300
+        try:
+            for proc in procs:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+        outputs = [log.read_text() for log in logs]
+        if any(proc.returncode is None or proc.returncode < 0 for proc in procs):
+            pytest.fail("a shard hung:\n" + "\n".join(out[-8000:] for out in outputs))
+        print(*outputs, sep="\n")  # the limiters' summaries (shown with -rP, or on failure)
         for proc, output in zip(procs, outputs, strict=True):
             assert proc.returncode == 0, output[-3000:]
 

@@ -775,7 +775,14 @@ class _Core:
         self.kick()
         for pool in self.pools:
             pool.kick()
-        return await waiter.future
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            # Cancelled after the grant but before this task resumed: the permit exists and holds an
+            # in-flight slot nobody else will ever release.
+            if waiter.future.done() and not waiter.future.cancelled():
+                waiter.future.result().release_nowait()
+            raise
 
     def _ramp_delay(self) -> float:
         cfg = self.config
