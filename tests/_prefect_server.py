@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -75,7 +76,7 @@ def prefect_server(*, timeout: float = 240.0, ui: bool = False) -> Iterator[str]
     With ``ui=True`` the server also serves the Prefect UI at the API URL without ``/api``, pointed at
     this server's API (the UI otherwise assumes port 4200). The server log goes to ``<home>/server.log``
     and is shown if startup fails. On exit the server's process group (started here, in its own session)
-    is terminated, then killed if it lingers.
+    is terminated, then killed if it lingers, and its home removed.
     """
     home = tempfile.mkdtemp(prefix="batchllm-server-")
     port = _free_port()
@@ -113,6 +114,7 @@ def prefect_server(*, timeout: float = 240.0, ui: bool = False) -> Iterator[str]
         yield api_url
     finally:
         stop_process_group(proc)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def stop_process_group(proc: subprocess.Popen[Any]) -> None:

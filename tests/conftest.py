@@ -5,11 +5,14 @@ Environment variables are set before anything imports Prefect, so its settings p
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
 _HOME = tempfile.mkdtemp(prefix="batchllm-test-prefect-")
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)  # the session's Prefect state and results
 os.environ.update(
     {
         "PREFECT_HOME": _HOME,

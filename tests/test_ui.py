@@ -117,9 +117,9 @@ def _browser(executable: str, shots: Path) -> Iterator[Any]:
     """A fresh headless Chromium profile; yields a page. A failure leaves a screenshot for the person."""
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as pw:
+    with tempfile.TemporaryDirectory(prefix="batchllm-chromium-") as profile, sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            tempfile.mkdtemp(prefix="batchllm-chromium-"),  # fresh --user-data-dir
+            profile,  # fresh --user-data-dir
             executable_path=executable,
             headless=True,
             args=CHROMIUM_ARGS,
