@@ -66,6 +66,7 @@ from prefect_batchllm.tables import (
     arrow_to_pandas,
     iter_id_frames,
     plan_slices,
+    release_freed_memory,
     table_attrs,
     table_columns,
     with_columns,
@@ -208,6 +209,8 @@ class TableChunk:
         columns = result_frame(index, results, self.spec.output_type)
         part = with_columns(table, columns)
         await asyncio.to_thread(self.output.write_part, self.number - 1, part)
+        del table, index, columns, part
+        await asyncio.to_thread(release_freed_memory)  # the chunk's buffers, freed above, go back to the OS
         return [dataclasses.replace(r, output=None, context=None) for r in results]
 
 

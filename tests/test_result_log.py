@@ -477,3 +477,25 @@ async def test_a_5000_item_chunked_run_stores_its_results_in_o_chunks_objects(
     assert log is not None
     stored = await log.lookup([item_cache_key(item) for item in items])
     assert len(stored) == 5000 and stored[item_cache_key(items[42])].output == items[42].prompt.upper()
+
+
+def test_the_index_delta_dict_stays_bounded_however_large_the_index(monkeypatch) -> None:
+    """Records added after the first load go to a dict (~270 bytes per entry) that is merged into the
+    sorted arrays (~32 bytes per entry) at a fixed size, not at a fraction of the index: a 1M-row table
+    run must not hold a quarter of its keys in the dict."""
+    import numpy as np
+
+    monkeypatch.setattr(result_log, "_DELTA_MAX", 100)
+    index = result_log._Index()
+    index.loaded = True
+    per_record = 30
+    largest = 0
+    for rec in range(200):  # 6,000 keys: the arrays grow far beyond 4 x the delta bound
+        header = np.zeros(per_record, result_log._DISK)
+        header["hash"] = np.arange(rec * per_record, (rec + 1) * per_record, dtype=np.uint64) + 1
+        index.add(f"{rec:020d}-w-{rec}.blr", header.tobytes())
+        largest = max(largest, len(index.delta))
+    assert largest <= 100 + per_record
+    assert len(index.hashes) + len(index.delta) == 200 * per_record
+    found = index.find([1, 3000, 6000, 6001])
+    assert [f is not None for f in found] == [True, True, True, False]

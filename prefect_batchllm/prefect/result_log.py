@@ -61,7 +61,9 @@ _ROW = np.dtype([("exp", "<f8"), ("rec", "<u4"), ("off", "<u4"), ("len", "<u4"),
 _MAX_OBJECT = 1 << 30  # bodies per object stay well inside the u4 offsets
 _HEADER_GUESS = 8_192  # first ranged read per object (fits 291 entries); larger headers: a second read
 _READ_BATCH = 512  # objects per cat_ranges call while loading the index
-_DELTA_MAX = 50_000  # entries kept in the small dict before merging into the sorted arrays
+#: Entries kept in the small dict before merging into the sorted arrays. A fixed bound, not a fraction of
+#: the index: a dict entry costs ~270 bytes (the arrays ~32), so at 1M keys a quarter-size delta held ~65 MB.
+_DELTA_MAX = 50_000
 _COALESCE_GAP = 65_536  # bodies closer than this in one object are read with one ranged read
 #: A listing this long after a log was created (its creator's clock) surely shows every record written
 #: before: pickled copies of it (one per Dask chunk) then reuse their process's index without listing again.
@@ -194,7 +196,7 @@ class _Index:
             old = self.delta.get(h)
             if old is None or rtime[old[1]] <= rtime[rec]:
                 self.delta[h] = (exp, rec, off, length, crc)
-        if len(self.delta) > max(_DELTA_MAX, len(self.hashes) // 4):
+        if len(self.delta) > _DELTA_MAX:
             self._merge(bytearray(), np.zeros(0, np.uint32))
 
     def _merge(self, headers: bytearray, recs: np.ndarray[Any, Any]) -> None:
