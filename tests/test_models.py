@@ -118,6 +118,63 @@ async def test_max_tokens_keeps_partial_text(emulator):
     assert response.text
 
 
+async def test_request_config_is_built_once_per_distinct_settings(emulator, monkeypatch):
+    """generate() validates a GenerateContentConfig once per distinct (temperature, instruction, config),
+    not per call; what reaches the server is the same as with a fresh config each time."""
+    model = GeminiModel(MODEL, emulator.client(), system_instruction="be terse")
+    built: list[tuple[object, ...]] = []
+    original = GeminiModel._build_config
+
+    def counting(self, *args, **kwargs):
+        built.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GeminiModel, "_build_config", counting)
+    schema_config = {"response_mime_type": "application/json", "response_schema": Person}
+    for i in range(5):
+        await model.generate(f"q{i}", config=dict(schema_config))
+    assert len(built) == 1
+    await model.generate("hotter", temperature=0.7, config=dict(schema_config))
+    await model.generate("plain")
+    await model.generate("plain again")
+    assert len(built) == 3
+    # A value that cannot be keyed (a pydantic object) is built per call, still sent the same.
+    thinking = {"thinking_config": types.ThinkingConfig(thinking_budget=0)}
+    await model.generate("t1", config=thinking)
+    await model.generate("t2", config=thinking)
+    assert len(built) == 5
+
+    bodies = [r.body for r in emulator.requests_for("generateContent")]
+    assert [b["generationConfig"].get("temperature") for b in bodies] == [0.0] * 5 + [0.7, 0.0, 0.0, 0.0, 0.0]
+    assert all(b["generationConfig"]["responseMimeType"] == "application/json" for b in bodies[:6])
+    assert all("responseSchema" in b["generationConfig"] for b in bodies[:6])
+    assert all(b["systemInstruction"]["parts"][0]["text"] == "be terse" for b in bodies)
+    assert "thinkingConfig" in bodies[-1]["generationConfig"]
+
+
+async def test_sent_config_matches_a_plain_generate_content_config(emulator):
+    """The config generate() sends is the request a plain GenerateContentConfig makes (same body)."""
+    config = {
+        "max_output_tokens": 64,
+        "top_p": 0.5,
+        "stop_sequences": ["END"],
+        "response_mime_type": "application/json",
+        "response_schema": Person,
+    }
+    settings = [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]
+    model = GeminiModel(MODEL, emulator.client(), system_instruction="s", safety_settings=settings)
+    await model.generate("same [a]", temperature=0.2, config=config)
+    plain = types.GenerateContentConfig(
+        temperature=0.2, system_instruction="s", safety_settings=settings, **config
+    )
+    await emulator.client().aio.models.generate_content(model=MODEL, contents="same [a]", config=plain)
+    ours, theirs = (r.body for r in emulator.requests_for("generateContent"))
+    assert ours == theirs
+    sent = model._call_config(0.2, None, config)
+    assert isinstance(sent, types.GenerateContentConfig)
+    assert "temperature" not in sent and ("temperature", 0.2) in sent  # pydantic's own `in` semantics
+
+
 def _response(**kwargs) -> types.GenerateContentResponse:
     return types.GenerateContentResponse.model_validate(kwargs)
 
