@@ -17,7 +17,8 @@ install: $(STAMP)
 
 # A second environment on the oldest supported Prefect (constraints/prefect-oldest.txt); `make test` runs on
 # the newest 3.x the index serves. Both ends of `prefect>=3.8.8,<4` are tested; the browser check, the chaos
-# soak and the Dask clusters (minutes each, the same Prefect surface as the rest) run on the newest only.
+# soak, the Dask clusters and the quota-paced limiter runs (`heavy`: tens of seconds to minutes each, the same
+# Prefect surface as the rest) run on the newest only.
 OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed
 

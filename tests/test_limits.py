@@ -233,6 +233,7 @@ async def test_ensure_rate_limits_is_idempotent_and_updates(prefect_api: str) ->
 
 
 @pytest.mark.prefect
+@pytest.mark.heavy  # paced by a quota window; the shorter limit tests cover 3.8.8's API
 async def test_batch_at_the_quota_has_zero_429s_and_every_window_within_quota(prefect_api: str) -> None:
     from prefect_batchllm.testing import GeminiEmulator
 
@@ -262,6 +263,7 @@ async def test_batch_at_the_quota_has_zero_429s_and_every_window_within_quota(pr
 
 
 @pytest.mark.prefect
+@pytest.mark.heavy  # paced by a quota window; the shorter limit tests cover 3.8.8's API
 async def test_tpm_quota_with_reconciled_estimates(prefect_api: str) -> None:
     """Tokens are reserved from the estimate and reconciled; no token window exceeds the quota."""
     from prefect_batchllm.testing import GeminiEmulator
@@ -507,6 +509,7 @@ def shard_main(argv: list[str]) -> int:
     return 0 if result.failed == 0 else 1
 
 
+@pytest.mark.heavy  # paced by a quota window; the shorter limit tests cover 3.8.8's API
 @pytest.mark.parametrize("chunk_size", [None, 16], ids=["per-item", "chunked"])
 async def test_run_batch_at_the_quota_has_zero_429s(prefect_api: str, chunk_size: int | None) -> None:
     """The limiter through the real flow: every item admitted by the global limits before its attempt."""
@@ -591,6 +594,7 @@ def real_server() -> Iterator[str]:
         yield api_url
 
 
+@pytest.mark.heavy  # paced by a quota window; the shorter limit tests cover 3.8.8's API
 @pytest.mark.prefect
 def test_two_processes_share_one_quota(real_server: str, tmp_path: Path) -> None:
     from _prefect_server import prefect_env

@@ -76,7 +76,7 @@ class _CallConfig(types.GenerateContentConfig):
     def __contains__(self, key: object) -> bool:
         if isinstance(key, str):
             return False
-        return key in iter(self)  # pydantic's own semantics: membership among (field, value) pairs
+        return any(key == pair for pair in self)  # pydantic's own: membership among (field, value) pairs
 
 
 def _freeze(value: Any) -> Any:
