@@ -402,9 +402,7 @@ class GeminiModel:
             )
         except TypeError:
             key = None
-        cache = self.__dict__.get("_call_configs")
-        if cache is None:  # a subclass that skipped __init__
-            cache = self._call_configs = {}
+        cache = self._call_configs
         built = cache.get(key) if key is not None else None
         if built is None:
             built = self._build_config(
