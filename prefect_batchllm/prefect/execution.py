@@ -39,6 +39,7 @@ from prefect_batchllm.core.stop import BatchStop
 from prefect_batchllm.core.strategy import LLMCallStrategy
 from prefect_batchllm.core.tokens import normalize_usage
 from prefect_batchllm.prefect.artifacts import slugify_key, task_run_metadata
+from prefect_batchllm.prefect.heap import steady_heap
 from prefect_batchllm.prefect.result_log import ResultLog
 from prefect_batchllm.prefect.tasks import (
     BatchRun,
@@ -515,7 +516,8 @@ class BatchExecution:
         run.prepare_errors.update(self.prepare_errors)
         self.run = run
         try:
-            yield run
+            with steady_heap():
+                yield run
         finally:
             try:
                 await shielded(self._close_worker_run(run))

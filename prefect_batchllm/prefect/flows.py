@@ -53,6 +53,7 @@ from prefect_batchllm.prefect.artifacts import ProgressArtifact, slugify_key
 from prefect_batchllm.prefect.events import PauseEvents, PrefectEventBridge, batch_completed_data
 from prefect_batchllm.prefect.execution import BatchExecution, Report, items_chunks, safe_model_name, shielded
 from prefect_batchllm.prefect.flow_base import BatchLLMFlow
+from prefect_batchllm.prefect.heap import steady_heap
 from prefect_batchllm.prefect.progress import close_terminal_progress, with_terminal_progress
 from prefect_batchllm.prefect.redaction import install_redaction
 from prefect_batchllm.prefect.result_log import ResultLog
@@ -387,38 +388,41 @@ async def drive_batch(
 
     run = execution.start(admission, events, report)
     started = time.monotonic()
-    try:
-        await progress.start()
-        await events.emit(ProcessingEvent.BATCH_STARTED, {"total": total, "max_workers": config.max_workers})
-        if config.chunk_size is None and total > _CHUNK_HINT_ITEMS:
-            get_run_logger().info(
-                "%d items run as %d task runs: at high request rates (above all with rate limits on a "
-                "SQLite-backed API) Prefect's per-task-run work bounds throughput. "
-                "ProcessorConfig(chunk_size=200) runs one task run per 200 items with the same guarantees",
-                total,
-                total,
-            )
-        await execution.prepare(strategies)
-        if batch_api_items is not None:
-            from prefect_batchllm.prefect.batch_api import BatchApiStep
-
-            execution.batch_step = BatchApiStep(run, batch_api_items, execution.result_log)
-            async with asyncio.TaskGroup() as group:
-                group.create_task(execution.batch_step.run_step())
-                group.create_task(dispatch())
-        else:
-            await dispatch()
-    finally:
+    with steady_heap():  # full GC passes walk only what the run creates (see heap.py)
         try:
-            await execution.cleanup()
+            await progress.start()
+            started_data = {"total": total, "max_workers": config.max_workers}
+            await events.emit(ProcessingEvent.BATCH_STARTED, started_data)
+            if config.chunk_size is None and total > _CHUNK_HINT_ITEMS:
+                get_run_logger().info(
+                    "%d items run as %d task runs: at high request rates (above all with rate limits on "
+                    "a SQLite-backed API) Prefect's per-task-run work bounds throughput. "
+                    "ProcessorConfig(chunk_size=200) runs one task run per 200 items with the same "
+                    "guarantees",
+                    total,
+                    total,
+                )
+            await execution.prepare(strategies)
+            if batch_api_items is not None:
+                from prefect_batchllm.prefect.batch_api import BatchApiStep
+
+                execution.batch_step = BatchApiStep(run, batch_api_items, execution.result_log)
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(execution.batch_step.run_step())
+                    group.create_task(dispatch())
+            else:
+                await dispatch()
         finally:
-            close_terminal_progress(observers)
-            if execution.result_log is not None:
-                await shielded(execution.result_log.aclose())
-            aclose = getattr(admission, "aclose", None)
-            if callable(aclose):
-                await shielded(aclose())
-            await shielded(pauses.aclose())
+            try:
+                await execution.cleanup()
+            finally:
+                close_terminal_progress(observers)
+                if execution.result_log is not None:
+                    await shielded(execution.result_log.aclose())
+                aclose = getattr(admission, "aclose", None)
+                if callable(aclose):
+                    await shielded(aclose())
+                await shielded(pauses.aclose())
     wall = time.monotonic() - started
     await progress.update(completed, force=True)
     jobs = execution.batch_step.job_summaries() if execution.batch_step is not None else None
