@@ -92,15 +92,19 @@ def run(rows: int, *, chunk: int, workers: int, latency: float, direct: bool = F
             "--child",
             str(source),
             str(output),
-            emu.base_url,
+            "direct" if direct else emu.base_url,  # "direct": answered in-process, no request
         ]
         args += [str(chunk), str(workers)]
+        started = time.monotonic()
         done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(done.stdout[-2000:] + done.stderr[-4000:])
         report = json.loads(done.stdout.strip().splitlines()[-1])
         generate = [r for r in emu.requests if r.endpoint == "generateContent"]
-        wall = max(r.finished_at for r in generate) - min(r.started_at for r in generate)
+        if generate:
+            wall = max(r.finished_at for r in generate) - min(r.started_at for r in generate)
+        else:  # --direct: the child's whole life (start-up included)
+            wall = time.monotonic() - started
     storage = (
         sum(1 for _ in (work / "home" / "storage").rglob("*") if _.is_file())
         if (work / "home").exists()
