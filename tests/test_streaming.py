@@ -550,3 +550,42 @@ def test_each_finished_chunk_hands_its_freed_memory_back_and_keeps_no_rows(
         asyncio.run(chunk.finish(items, [WorkItemResult(i.item_id, True, output="o") for i in items]))
         assert chunk._loaded is None
     assert len(calls) == len(slices) == 3
+
+
+def test_a_table_run_inside_a_parent_flow_names_its_artifacts_after_the_caller(
+    prefect_api: str, emulator: GeminiEmulator, tmp_path: Path
+) -> None:
+    """Like ``run_batch``, a table run called from a pipeline's own flow publishes under that flow's name
+    (one key per pipeline, not one shared ``enrich-table-file`` key for every pipeline)."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from prefect_batchllm.prefect.artifacts import artifact_keys
+
+    tag = uuid.uuid4().hex[:6]
+    source = tmp_path / "in.parquet"
+    pd.DataFrame({"title": [f"{tag} book {i}" for i in range(6)]}).to_parquet(source)
+    model = GeminiModel("gemini-2.5-flash", emulator.client())
+
+    @flow(name=f"Nightly catalogue {tag}")
+    def nightly() -> TableBatchResult:
+        return enrich_table_file(
+            source,
+            tmp_path / "out.parquet",
+            "Catalogue {title}.",
+            model_block=model,
+            config=_fast(chunk_size=3),
+        )
+
+    assert nightly().succeeded == 6
+
+    async def keys() -> set[str]:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_=tag))
+            )
+        return {a.key for a in found if a.key}
+
+    assert run_coro_as_sync(keys()) == set(artifact_keys(f"nightly-catalogue-{tag}").values())

@@ -7,22 +7,38 @@ live here once, on Prefect's public API only.
   once with a clear message instead of as a failed run.
 * Called with no running event loop (plain code, or inside a sync ``@flow``), an async flow runs to
   completion and returns its result; from async code it returns an awaitable, like any async flow.
+* The caller (parent flow, its deployment) is remembered in :data:`CALLER` for artifact keys and the events'
+  related resources.
 * ``with_options`` keeps the subclass (Prefect's builds a plain ``Flow``, which would lose all of the above).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
+from dataclasses import dataclass
 from typing import Any, Self, cast
 
 from prefect import Flow
-from prefect.context import get_run_context
+from prefect.context import FlowRunContext, get_run_context
 from prefect.exceptions import MissingContextError
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.utilities.callables import get_call_parameters
 
-__all__ = ["BatchLLMFlow", "in_async_context"]
+__all__ = ["CALLER", "BatchLLMFlow", "Caller", "in_async_context"]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who called a batch flow: the parent flow's name and its deployment (``None`` outside a flow run)."""
+
+    flow_name: str | None
+    deployment_id: Any
+
+
+#: The caller of the batch flow being run (set by :meth:`BatchLLMFlow.__call__`).
+CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("batchllm_caller", default=None)
 
 
 def in_async_context() -> bool:
@@ -60,6 +76,13 @@ class BatchLLMFlow(Flow):  # type: ignore[type-arg]
 
     def __call__(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
         params = self.check_call(get_call_parameters(self.fn, args, kwargs))
+        parent = FlowRunContext.get()
+        CALLER.set(
+            Caller(
+                flow_name=parent.flow.name if parent and parent.flow else None,
+                deployment_id=parent.flow_run.deployment_id if parent and parent.flow_run else None,
+            )
+        )
         result = super().__call__(return_state=return_state, wait_for=wait_for, **params)
         if inspect.iscoroutine(result) and not in_async_context():
             return run_coro_as_sync(result)

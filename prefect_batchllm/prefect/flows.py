@@ -17,7 +17,6 @@ subflow of sync or async user flows. Its flow-run parameters store a compact des
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import logging
 import time
@@ -52,7 +51,7 @@ from prefect_batchllm.core.strategy import LLMCallStrategy
 from prefect_batchllm.prefect.artifacts import ProgressArtifact, slugify_key
 from prefect_batchllm.prefect.events import PauseEvents, PrefectEventBridge, batch_completed_data
 from prefect_batchllm.prefect.execution import BatchExecution, Report, items_chunks, safe_model_name, shielded
-from prefect_batchllm.prefect.flow_base import BatchLLMFlow
+from prefect_batchllm.prefect.flow_base import CALLER, BatchLLMFlow
 from prefect_batchllm.prefect.heap import steady_heap
 from prefect_batchllm.prefect.progress import close_terminal_progress, with_terminal_progress
 from prefect_batchllm.prefect.redaction import install_redaction
@@ -166,19 +165,10 @@ def _callable_name(value: Any) -> Any:
 # The Flow subclass: compact parameters, sync/async dispatch, caller context
 
 
-@dataclass(frozen=True)
-class _Caller:
-    flow_name: str | None
-    deployment_id: Any
-
-
-_CALLER: contextvars.ContextVar[_Caller | None] = contextvars.ContextVar("batchllm_caller", default=None)
-
-
 class BatchFlow(BatchLLMFlow):
     """The ``run_batch`` flow: stored parameters summarise ``items`` / ``prompts`` (never the prompts), so
     the 512 KiB server cap on flow parameters does not limit batch size; inputs are validated before a
-    flow run is created; the caller (parent flow, deployment) is remembered for artifact keys. Call
+    flow run is created; Call
     dispatch and ``with_options`` come from :class:`BatchLLMFlow`.
     """
 
@@ -201,13 +191,6 @@ class BatchFlow(BatchLLMFlow):
         if "items" in params:
             # Materialise iterators once (validation must not consume what the flow body needs).
             params["items"], _ = validate_batch_inputs(params["items"], params.get("config"))
-        parent = FlowRunContext.get()
-        _CALLER.set(
-            _Caller(
-                flow_name=parent.flow.name if parent and parent.flow else None,
-                deployment_id=parent.flow_run.deployment_id if parent and parent.flow_run else None,
-            )
-        )
         return params
 
 
@@ -243,7 +226,7 @@ async def _artifact_prefix(config: ProcessorConfig) -> str:
     if config.artifact_key:
         return config.artifact_key
     ctx = FlowRunContext.get()
-    caller = _CALLER.get()
+    caller = CALLER.get()
     flow_name = (caller.flow_name if caller else None) or (ctx.flow.name if ctx and ctx.flow else "run-batch")
     deployment_id = (caller.deployment_id if caller else None) or (
         ctx.flow_run.deployment_id if ctx and ctx.flow_run else None
@@ -330,7 +313,7 @@ async def drive_batch(
     """
     config = execution.config
     install_redaction()
-    caller = _CALLER.get()
+    caller = CALLER.get()
     bridge = PrefectEventBridge.for_current_run(caller.deployment_id if caller else None)
     observers = with_terminal_progress(observers, label=_run_label())  # a live bar when a person watches
     events = EventDispatcher(
@@ -511,7 +494,7 @@ def _batch_run_name() -> str:
         ctx = FlowRunContext.get()
         params = ctx.parameters if ctx is not None and ctx.parameters else {}
         config = params.get("config")
-        caller = _CALLER.get()
+        caller = CALLER.get()
         label = (
             (config.artifact_key if isinstance(config, ProcessorConfig) else None)
             or (caller.flow_name if caller else None)
