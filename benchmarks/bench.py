@@ -21,7 +21,8 @@ What is measured (a contender that cannot run prints why and is skipped):
   from just before the run to just after it, per item.
 * **API-server CPU**: the ephemeral Prefect API server (a child process of the contender, found by its
   command line). It is started (and its ~8 s start-up measured apart) before the run.
-* **peak RSS**: the client's high-water mark plus the API server's (``VmHWM``).
+* **peak RSS**: the client's high-water mark (with any child it reaped during the run) plus the API server's
+  (``VmHWM``).
 * **storage objects**: files written under ``PREFECT_HOME/storage`` (the default result location).
 * **API calls** / **events**: HTTP requests the contender's Prefect client sent during the run and
   Prefect events it emitted (counted in the client; Dask workers' own calls are not seen).
@@ -532,9 +533,12 @@ async def _contender(args: argparse.Namespace, out: Measured) -> None:
         out.server_rss_mb = sum(proc_hwm_mb(p) for p in servers)
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
         # The client's own peak, plus its other processes (Dask workers): live ones' peaks, and for those
-        # already reaped the largest one's (all the kernel keeps).
+        # reaped during the run the largest one's (all the kernel keeps). A child reaped before the run
+        # (Prefect's API start-up reaps a ~125 MB one) is not part of the run's peak.
         out.client_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        out.client_rss_mb += sum(proc_hwm_mb(p) for p in others) + reaped.ru_maxrss / 1024
+        out.client_rss_mb += sum(proc_hwm_mb(p) for p in others)
+        if reaped.ru_maxrss > reaped0.ru_maxrss:
+            out.client_rss_mb += reaped.ru_maxrss / 1024
         child_cpu = reaped.ru_utime + reaped.ru_stime - reaped0.ru_utime - reaped0.ru_stime
         child_cpu += sum(proc_cpu_s(p) for p in others)
         if child_cpu > 0.05 or others:
