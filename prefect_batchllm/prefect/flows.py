@@ -168,8 +168,8 @@ def _callable_name(value: Any) -> Any:
 class BatchFlow(BatchLLMFlow):
     """The ``run_batch`` flow: stored parameters summarise ``items`` / ``prompts`` (never the prompts), so
     the 512 KiB server cap on flow parameters does not limit batch size; inputs are validated before a
-    flow run is created; Call
-    dispatch and ``with_options`` come from :class:`BatchLLMFlow`.
+    flow run is created. Call dispatch, the caller's context and ``with_options`` come from
+    :class:`BatchLLMFlow`.
     """
 
     def summarize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -374,8 +374,9 @@ async def drive_batch(
     with steady_heap():  # full GC passes walk only what the run creates (see heap.py)
         try:
             await progress.start()
-            started_data = {"total": total, "max_workers": config.max_workers}
-            await events.emit(ProcessingEvent.BATCH_STARTED, started_data)
+            await events.emit(
+                ProcessingEvent.BATCH_STARTED, {"total": total, "max_workers": config.max_workers}
+            )
             if config.chunk_size is None and total > _CHUNK_HINT_ITEMS:
                 get_run_logger().info(
                     "%d items run as %d task runs: at high request rates (above all with rate limits on "
